@@ -1,0 +1,54 @@
+"""The hot path as functions of tensors, and the one dispatch point that picks an implementation.
+
+``_single_tensor`` functions in :mod:`galore_opt.functional.adamw` are the ground truth. Other
+implementations (the Triton kernels of ``galore_opt.kernels``) plug in through :func:`resolve_impl`
+and are tested against them.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adamw import adamw_update, galore_adamw_update
+
+IMPLS = ("auto", "reference", "triton")
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Whether Triton kernels can run on ``device``: a CUDA device with Triton importable, or
+    Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported)."""
+    from galore_opt.kernels import triton_usable as _usable
+
+    return _usable(device)
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """Map a requested ``impl`` to the implementation that runs on ``device``.
+
+    ``"reference"`` always works. ``"auto"`` takes the Triton kernels where they are usable *and*
+    registered for this optimizer, else the reference. ``"triton"`` that cannot be honoured raises
+    instead of silently falling back.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r} - must be one of {IMPLS}")
+    if impl == "reference":
+        return "reference"
+    from galore_opt import kernels
+
+    available = kernels.fused_galore_adamw_available()
+    if impl == "triton":
+        if not available:
+            raise ValueError(
+                "impl='triton' was requested but the fused GaLore-AdamW Triton kernels are not "
+                "available in this build of galore_opt; use impl='reference' or 'auto'"
+            )
+        if not kernels.triton_usable(device):
+            raise ValueError(
+                f"impl='triton' needs a CUDA device with Triton, or TRITON_INTERPRET=1 for CPU "
+                f"tensors; got a tensor on {device}"
+            )
+        return "triton"
+    return "triton" if available and kernels.triton_usable(device) else "reference"
+
+
+__all__ = ["IMPLS", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]

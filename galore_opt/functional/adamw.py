@@ -1,0 +1,131 @@
+"""Single-tensor ground truth of the AdamW and GaLore-AdamW updates.
+
+Two numerics, chosen per param group:
+
+* ``"torch"``: ``torch.optim.AdamW``'s (``_single_tensor_adam`` with decoupled weight decay):
+  weight decay ``W *= 1 - lr * wd`` first, ``eps`` added after dividing by ``sqrt(bias_correction2)``,
+  step size ``lr / bias_correction1``. Same ops in the same order, so non-GaLore parameters follow
+  ``torch.optim.AdamW(foreach=False)`` bit for bit.
+* ``"galore_torch"``: galore-torch 1.0's AdamW (Hugging Face's old ``transformers.AdamW``):
+  ``eps`` added to ``sqrt(v)`` before bias correction, step size ``lr * sqrt(bc2) / bc1``, weight
+  decay ``W -= lr * wd * W`` after the update, and the same ops in the same order as galore-torch.
+
+The GaLore update projects the gradient with the current basis, runs Adam on the low-rank moments,
+and projects the normalized update back, scaled by ``scale``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from ..projector import project, project_back
+
+
+def adamw_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step_t: Tensor,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    numerics: str = "torch",
+    correct_bias: bool = True,
+) -> None:
+    """One AdamW step of a full-size parameter, in place (``step_t`` is incremented)."""
+    step_t += 1
+    step = step_t.item()
+    if numerics == "torch":
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        step_size = lr / bias_correction1
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+        return
+    exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    step_size = lr
+    if correct_bias:
+        step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    param.add_(exp_avg / denom, alpha=-step_size)
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)
+
+
+def galore_adamw_update(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step_t: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    numerics: str = "torch",
+    correct_bias: bool = True,
+) -> None:
+    """One GaLore-AdamW step of a 2-D parameter, in place.
+
+    ``left`` / ``right`` are the stored bases (``None`` for a side not projected; both ``None``
+    updates the parameter in full, scaled). The moments have the low-rank shape.
+    """
+    step_t += 1
+    step = step_t.item()
+    compute_dtype = grad.dtype
+    basis_dtypes = {b.dtype for b in (left, right) if b is not None}
+    if basis_dtypes and basis_dtypes != {grad.dtype}:
+        compute_dtype = torch.float32  # a basis wider than the gradient: project in fp32
+    left_c = None if left is None else left.to(compute_dtype)
+    right_c = None if right is None else right.to(compute_dtype)
+    low = project(grad.to(compute_dtype), left_c, right_c).to(exp_avg.dtype)
+
+    if numerics == "torch":
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        exp_avg.lerp_(low, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        bias_correction1 = 1 - beta1**step
+        bias_correction2 = 1 - beta2**step
+        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        norm = exp_avg / denom
+        alpha = -lr * scale / bias_correction1
+        if compute_dtype == param.dtype and (left_c is None) != (right_c is None):
+            # W += alpha * (P N) or (N P) as one GEMM accumulating into W: no full-size temporary.
+            if left_c is not None:
+                param.addmm_(left_c, norm.to(compute_dtype), alpha=alpha)
+            else:
+                param.addmm_(norm.to(compute_dtype), right_c, alpha=alpha)
+        else:
+            update = project_back(norm.to(compute_dtype), left_c, right_c)
+            param.add_(update.to(param.dtype), alpha=alpha)
+        return
+
+    exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
+    denom = exp_avg_sq.sqrt().add_(eps)
+    step_size = lr
+    if correct_bias:
+        step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
+    norm = exp_avg / denom
+    update = project_back(norm.to(compute_dtype), left_c, right_c) * scale
+    param.add_(update.to(param.dtype), alpha=-step_size)
+    if weight_decay > 0.0:
+        param.add_(param, alpha=-lr * weight_decay)

@@ -1,0 +1,195 @@
+"""What every galore-opt optimizer shares: param-group validation and routing, lazy per-parameter
+state, the basis refresh (the cold path) and the state-dict dtype policy."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import config as C
+from ..projector import choose_side, compute_basis, refresh_seed
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GaLoreOptimizer(torch.optim.Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` whose param groups with a ``rank`` key are GaLore
+    groups (galore-torch's convention); all other groups are updated in full.
+
+    Subclasses implement :meth:`step` with :meth:`_iter_params` and :meth:`_refresh_if_due`.
+    """
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        if defaults.get("numerics") not in C.NUMERICS:
+            raise ValueError(f"Invalid numerics: {defaults.get('numerics')!r} - must be one of {C.NUMERICS}")
+        self._warned_full_rank: set[tuple[int, ...]] = set()
+        super().__init__(params, defaults)
+
+    # --- param groups ------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate_group(group)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        numerics = group["numerics"]
+        if numerics not in C.NUMERICS:
+            raise ValueError(f"Invalid numerics: {numerics!r} - must be one of {C.NUMERICS}")
+        for p in group["params"]:
+            if p.is_complex():
+                raise ValueError(f"complex parameters are not supported (got a {p.dtype} parameter of shape {tuple(p.shape)})")
+        if "rank" not in group:
+            return
+        C.validate_galore_group(group, numerics)
+        for p in group["params"]:
+            if p.dim() < 2:
+                raise ValueError(
+                    f"A GaLore group (one with 'rank') holds a {p.dim()}-D parameter of shape "
+                    f"{tuple(p.shape)}: GaLore projects matrices. Put vectors and scalars in a group "
+                    "without 'rank' (galore_opt.galore_param_groups does this)"
+                )
+            if p.dim() > 2 and not p.is_contiguous():
+                raise ValueError(
+                    f"A {p.dim()}-D GaLore parameter of shape {tuple(p.shape)} must be contiguous: it is "
+                    "projected as the matrix (shape[0], prod(shape[1:]))"
+                )
+            m, n = p.shape[0], p[0].numel()
+            if group["rank"] >= min(m, n) and numerics == "torch":
+                key = (group["rank"], m, n)
+                if key not in self._warned_full_rank:
+                    self._warned_full_rank.add(key)
+                    warnings.warn(
+                        f"rank={group['rank']} >= min{(m, n)}: a projection would save nothing, so this "
+                        "parameter is updated in full (AdamW update times scale, no SVD)",
+                        stacklevel=3,
+                    )
+
+    # --- iteration and state -----------------------------------------------------------------
+
+    def _iter_params(self):
+        """Yield ``(group, param, index)`` for params with a gradient; ``index`` is the param's
+        position in the optimizer (stable across ranks and resumes: it seeds refreshes)."""
+        index = itertools.count()
+        for group in self.param_groups:
+            for p in group["params"]:
+                i = next(index)
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                yield group, p, i
+
+    @staticmethod
+    def _as_matrix(t: Tensor) -> Tensor:
+        return t if t.dim() == 2 else t.view(t.shape[0], -1)
+
+    def _side(self, p: Tensor, group: dict[str, Any]) -> str:
+        """The projection side, read from the state once it exists (which basis keys it holds)."""
+        state = self.state[p]
+        has_left, has_right = C.BASIS_LEFT in state, C.BASIS_RIGHT in state
+        if has_left and has_right:
+            return C.FULL
+        if has_left:
+            return C.LEFT
+        if has_right:
+            return C.RIGHT
+        if C.EXP_AVG in state:
+            return C.NONE
+        m, n = p.shape[0], p[0].numel()
+        return choose_side((m, n), group["proj_type"], group["rank"], clip_rank=group["numerics"] == "galore_torch")
+
+    def _low_rank_shape(self, p: Tensor, group: dict[str, Any], side: str) -> tuple[int, int]:
+        m, n = p.shape[0], p[0].numel()
+        r = min(group["rank"], m, n)
+        return {C.LEFT: (r, n), C.RIGHT: (m, r), C.FULL: (r, r), C.NONE: (m, n)}[side]
+
+    def _refresh_offset(self, p: Tensor, group: dict[str, Any]) -> int:
+        """Spread the refreshes of a group's matrices evenly over its gap (first one on step 0)."""
+        if not group["stagger_refresh"]:
+            return 0
+        galore_params = [q for g in self.param_groups if "rank" in g for q in g["params"]]
+        k = next(i for i, q in enumerate(galore_params) if q is p)
+        return (k * group["update_proj_gap"]) // len(galore_params)
+
+    def _init_galore_offset(self, p: Tensor, group: dict[str, Any]) -> None:
+        offset = self._refresh_offset(p, group)
+        if offset:
+            self.state[p][C.REFRESH_OFFSET] = torch.tensor(offset, dtype=torch.int32)
+
+    def _refresh_due(self, state: dict[str, Any], group: dict[str, Any], side: str) -> bool:
+        if side == C.NONE:
+            return False
+        if C.BASIS_LEFT not in state and C.BASIS_RIGHT not in state:
+            return True  # cold start
+        step = int(state[C.STEP].item())
+        gap = group["update_proj_gap"]
+        offset = int(state[C.REFRESH_OFFSET].item()) if C.REFRESH_OFFSET in state else 0
+        return step >= gap and (step - offset) % gap == 0
+
+    def _refresh_if_due(self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str) -> None:
+        """Recompute the basis of ``p`` from its 2-D gradient when the schedule says so.
+
+        A gradient with NaN/Inf never reaches the basis: the previous basis is kept (its next
+        scheduled refresh tries again); on a cold start the non-finite entries are zeroed first.
+        """
+        state = self.state[p]
+        if not self._refresh_due(state, group, side):
+            return
+        prev_left, prev_right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
+        cold = prev_left is None and prev_right is None
+        if not bool(torch.isfinite(grad).all()):
+            if not cold:
+                return
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        step = int(state[C.STEP].item())
+        left, right = compute_basis(
+            grad,
+            group["rank"],
+            side,
+            group["proj_method"],
+            prev_left=prev_left,
+            prev_right=prev_right,
+            power_iters=group["power_iters"],
+            oversample=group["oversample"],
+            seed=refresh_seed(self.defaults.get("seed", 0), index, step),
+            align=group["align_basis"],
+        )
+        dtype = _DTYPES[group["basis_dtype"]] if group["basis_dtype"] else p.dtype
+        if left is not None:
+            state[C.BASIS_LEFT] = left.to(dtype)
+        if right is not None:
+            state[C.BASIS_RIGHT] = right.to(dtype)
+
+    # --- serialization -----------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, except that the bases keep the dtype they were
+        saved in (torch would cast them to the parameter's dtype) and the refresh offset stays on
+        the CPU beside ``step``, so the schedule is read without a device sync."""
+        kept: dict[Any, dict[str, Tensor]] = {}
+        stripped: dict[Any, dict[str, Any]] = {}
+        for pid, pstate in state_dict["state"].items():
+            kept[pid] = {k: v for k, v in pstate.items() if k in _KEPT_KEYS}
+            stripped[pid] = {k: v for k, v in pstate.items() if k not in _KEPT_KEYS}
+        super().load_state_dict({**state_dict, "state": stripped})
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params))
+        for pid, values in kept.items():
+            p = id_to_param[pid]
+            for key, value in values.items():
+                device = torch.device("cpu") if key == C.REFRESH_OFFSET else p.device
+                self.state[p][key] = value.to(device=device, copy=True)
+
+
+_KEPT_KEYS = (*C.DTYPE_PRESERVED_KEYS, C.REFRESH_OFFSET)

@@ -1,0 +1,145 @@
+"""GaLoreAdamW: AdamW with gradient low-rank projection."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from .. import config as C
+from ..functional import adamw_update, galore_adamw_update, resolve_impl
+from .base import GaLoreOptimizer
+
+_DEFAULT_EPS = {"torch": 1e-8, "galore_torch": 1e-6}
+
+
+class GaLoreAdamW(GaLoreOptimizer):
+    r"""AdamW with GaLore gradient low-rank projection (Zhao et al., 2024).
+
+    For a parameter in a GaLore group (a param group with a ``rank`` key) with gradient
+    :math:`G \in \mathbb{R}^{m \times n}` and basis :math:`P` (refreshed every ``update_proj_gap``
+    steps), each step does
+
+    .. math::
+        R &= P^\top G \quad (\text{or } G P^\top) \\
+        M &\leftarrow \beta_1 M + (1 - \beta_1) R, \qquad V \leftarrow \beta_2 V + (1-\beta_2) R^2 \\
+        N &= \frac{M / (1 - \beta_1^t)}{\sqrt{V / (1 - \beta_2^t)} + \epsilon} \\
+        W &\leftarrow (1 - \eta \lambda) W - \eta \cdot \text{scale} \cdot P N
+
+    so the moments are ``r x n`` instead of ``m x n``. Every other parameter gets plain AdamW,
+    identical to ``torch.optim.AdamW(foreach=False)``.
+
+    Args:
+        params: parameters or param groups. A group with ``rank`` is a GaLore group; its keys
+            (galore-torch / Hugging Face compatible, with defaults): ``rank`` (128),
+            ``update_proj_gap`` (200), ``scale`` (0.25), ``proj_type`` (``"std"``: project the
+            smaller side; ``"reverse_std"``, ``"left"``, ``"right"``, ``"full"``). galore-opt's own
+            keys: ``proj_method`` (``"power"``: one subspace iteration warm-started from the
+            previous basis; ``"randomized"``; ``"svd"``), ``power_iters``, ``oversample`` (8),
+            ``stagger_refresh`` (spread refreshes over the gap), ``align_basis`` (rotate a new
+            basis towards the old one so kept moments stay meaningful), ``basis_dtype`` (None: the
+            parameter's dtype, as galore-torch; or ``"float32"``).
+        lr: learning rate (default 1e-3).
+        betas: coefficients of the moment averages (default (0.9, 0.999)).
+        eps: added to the denominator; ``None`` means 1e-8 (``numerics="torch"``) or 1e-6
+            (``numerics="galore_torch"``, galore-torch's default).
+        weight_decay: decoupled weight decay (default 0).
+        numerics: ``"torch"`` (default): ``torch.optim.AdamW``'s arithmetic, power-method
+            refreshes staggered over the gap. ``"galore_torch"``: galore-torch 1.0's arithmetic
+            (eps before bias correction, weight decay after the update), its refresh schedule
+            (every matrix on steps 0, gap, 2 gap, ...), exact SVD by default and no basis
+            alignment, so old runs can be continued.
+        impl: ``"auto"`` (default), ``"reference"`` or ``"triton"`` (see
+            :func:`galore_opt.functional.resolve_impl`).
+        seed: seeds randomized refreshes together with the step and the parameter's index;
+            the global RNG is never touched.
+
+    Notes:
+        ``rank >= min(m, n)`` under torch numerics updates that parameter in full (the AdamW
+        update times ``scale``; a warning says so); under galore_torch numerics the rank is
+        clipped to ``min(m, n)`` as galore-torch does. Moments are kept across a refresh.
+        The optimizer state holds tensors only and loads with ``torch.load(weights_only=True)``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float | None = None,
+        weight_decay: float = 0.0,
+        *,
+        numerics: str = "torch",
+        impl: str = "auto",
+        seed: int = 0,
+        correct_bias: bool = True,
+    ) -> None:
+        if numerics not in C.NUMERICS:
+            raise ValueError(f"Invalid numerics: {numerics!r} - must be one of {C.NUMERICS}")
+        if eps is None:
+            eps = _DEFAULT_EPS[numerics]
+        C.validate_adam_hyperparameters(lr, betas, eps, weight_decay)
+        resolve_impl(impl, torch.device("cpu"))  # validates the name; devices are resolved per step
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            numerics=numerics,
+            impl=impl,
+            correct_bias=correct_bias,
+        )
+        if not correct_bias and numerics == "torch":
+            raise ValueError("correct_bias=False exists only under numerics='galore_torch'")
+        super().__init__(params, {**defaults, "seed": seed})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, index in self._iter_params():
+            state = self.state[p]
+            beta1, beta2 = group["betas"]
+            hyper = dict(
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                numerics=group["numerics"],
+                correct_bias=group["correct_bias"],
+            )
+            if "rank" not in group:
+                if not state:
+                    state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                    state[C.EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[C.EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                adamw_update(p, p.grad, state[C.EXP_AVG], state[C.EXP_AVG_SQ], state[C.STEP], **hyper)
+                continue
+
+            param, grad = self._as_matrix(p), self._as_matrix(p.grad)
+            side = self._side(p, group)
+            if not state:
+                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                shape = self._low_rank_shape(p, group, side)
+                state[C.EXP_AVG] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                state[C.EXP_AVG_SQ] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                self._init_galore_offset(p, group)
+            self._refresh_if_due(p, grad, group, index, side)
+            resolve_impl(group["impl"], p.device)  # only the reference exists so far
+            galore_adamw_update(
+                param,
+                grad,
+                state[C.EXP_AVG],
+                state[C.EXP_AVG_SQ],
+                state[C.STEP],
+                state.get(C.BASIS_LEFT),
+                state.get(C.BASIS_RIGHT),
+                scale=group["scale"],
+                **hyper,
+            )
+        return loss

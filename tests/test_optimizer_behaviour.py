@@ -1,0 +1,147 @@
+"""GaLoreAdamW as a user meets it: schedules, robustness, shapes, the torch.optim protocol."""
+
+import pytest
+import torch
+from torch import nn
+
+import galore_opt.optim.base as base
+from galore_opt import GaLoreAdamW, galore_param_groups
+from galore_opt import config as C
+
+
+def _record_refreshes(monkeypatch):
+    calls = []
+    real = base.compute_basis
+
+    def recording(grad, rank, side, method, **kwargs):
+        calls.append((grad.data_ptr(), method, kwargs["prev_left"] is None and kwargs["prev_right"] is None))
+        return real(grad, rank, side, method, **kwargs)
+
+    monkeypatch.setattr(base, "compute_basis", recording)
+    return calls
+
+
+def _mats(n, shape=(12, 20)):
+    return [nn.Parameter(torch.randn(shape)) for _ in range(n)]
+
+
+def _step_with_random_grads(opt, params, steps):
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape)
+        opt.step()
+
+
+def test_refresh_schedule_galore_torch_numerics_is_every_gap_for_all(monkeypatch):
+    params = _mats(4)
+    opt = GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 5}], numerics="galore_torch")
+    per_step = []
+    calls = _record_refreshes(monkeypatch)
+    for _ in range(16):
+        before = len(calls)
+        _step_with_random_grads(opt, params, 1)
+        per_step.append(len(calls) - before)
+    assert per_step == [4, 0, 0, 0, 0, 4, 0, 0, 0, 0, 4, 0, 0, 0, 0, 4]
+
+
+def test_refresh_schedule_is_staggered_by_default(monkeypatch):
+    params = _mats(4)
+    opt = GaLoreAdamW([{"params": params, "rank": 3, "update_proj_gap": 8}])
+    calls = _record_refreshes(monkeypatch)
+    per_step = []
+    for _ in range(26):
+        before = len(calls)
+        _step_with_random_grads(opt, params, 1)
+        per_step.append(len(calls) - before)
+    # step 0: every matrix gets its first (cold) basis; afterwards offsets 0, 2, 4, 6 spread the
+    # refreshes: never more than one matrix per step.
+    assert per_step[0] == 4
+    assert max(per_step[1:]) == 1
+    assert [i for i, n in enumerate(per_step) if n] == [0, 8, 10, 12, 14, 16, 18, 20, 22, 24]
+    offsets = [int(opt.state[p].get(C.REFRESH_OFFSET, torch.tensor(0))) for p in params]
+    assert offsets == [0, 2, 4, 6]
+    # the cold start uses the randomized range finder, later refreshes the warm power method
+    assert [(m, cold) for _, m, cold in calls[:4]] == [("power", True)] * 4
+    assert all(not cold for _, _, cold in calls[4:])
+
+
+def test_nan_gradient_does_not_poison_the_basis():
+    w = nn.Parameter(torch.randn(10, 16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 2}], lr=1e-3)
+    _step_with_random_grads(opt, [w], 2)
+    basis = opt.state[w][C.BASIS_LEFT].clone()
+    w.grad = torch.randn(10, 16)
+    w.grad[0, 0] = float("nan")
+    w.grad[1, 1] = float("inf")
+    opt.step()  # step index 2: a refresh is due, the gradient is not finite -> basis kept
+    assert torch.equal(opt.state[w][C.BASIS_LEFT], basis)
+    # cold start on a non-finite gradient: finite basis from the finite entries
+    v = nn.Parameter(torch.randn(10, 16))
+    opt2 = GaLoreAdamW([{"params": [v], "rank": 3}])
+    v.grad = torch.full((10, 16), float("nan"))
+    v.grad[:, :4] = torch.randn(10, 4)
+    opt2.step()
+    assert torch.isfinite(opt2.state[v][C.BASIS_LEFT]).all()
+
+
+def test_conv_weight_is_projected_as_a_matrix():
+    conv = nn.Conv2d(4, 16, kernel_size=3)
+    opt = GaLoreAdamW([{"params": [conv.weight], "rank": 4}, {"params": [conv.bias]}], lr=1e-2)
+    x = torch.randn(2, 4, 8, 8)
+    before = conv.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        conv(x).square().mean().backward()
+        opt.step()
+    state = opt.state[conv.weight]
+    # the (16, 36) matrix; std projects the smaller side: left basis (16, 4), moments (4, 36)
+    assert state[C.BASIS_LEFT].shape == (16, 4) and state[C.EXP_AVG].shape == (4, 36)
+    assert not torch.equal(before, conv.weight)
+
+
+def test_closure_scheduler_and_params_without_grad():
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+    frozen = nn.Parameter(torch.randn(4, 4))
+    groups = galore_param_groups(model, rank=2, update_proj_gap=3)
+    groups.append({"params": [frozen]})
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    x, y = torch.randn(32, 8), torch.randn(32, 4)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+
+    losses = [opt.step(closure).item() for _ in range(30)]
+    for _ in range(3):
+        sched.step()
+    assert losses[-1] < losses[0]
+    assert frozen not in opt.state  # no gradient, no state
+    assert opt.param_groups[0]["lr"] == pytest.approx(1e-2 / 4)
+
+
+def test_galore_trains_a_model_comparably_to_adamw():
+    torch.manual_seed(0)
+    x = torch.randn(256, 32)
+    teacher = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+    y = teacher(x).detach()
+
+    def fit(make_opt):
+        torch.manual_seed(1)
+        model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))
+        opt = make_opt(model)
+        for _ in range(300):
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            opt.step()
+        return float(loss)
+
+    with torch.no_grad():
+        start = float(nn.functional.mse_loss(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))(x), y))
+    adamw = fit(lambda m: torch.optim.AdamW(m.parameters(), lr=3e-3))
+    galore = fit(lambda m: GaLoreAdamW(galore_param_groups(m, rank=4, update_proj_gap=50, scale=1.0), lr=3e-3))
+    assert galore < 0.2 * start
+    assert galore < 5 * adamw
