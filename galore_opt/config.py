@@ -117,3 +117,9 @@ def validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: A
         raise ValueError(f"Invalid epsilon value: {eps!r} - must be >= 0")
     if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} - must be >= 0")
+
+# --- 8-bit state (GaLoreAdamW8bit) --------------------------------------------------------------
+EXP_AVG_CODES = "exp_avg_codes"  # uint8, the moment's shape: indices into the signed dynamic map
+EXP_AVG_ABSMAX = "exp_avg_absmax"  # float32, one per block
+EXP_AVG_SQ_CODES = "exp_avg_sq_codes"  # uint8: indices into the unsigned dynamic map
+EXP_AVG_SQ_ABSMAX = "exp_avg_sq_absmax"

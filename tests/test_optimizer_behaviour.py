@@ -137,7 +137,7 @@ def test_galore_trains_a_model_comparably_to_adamw():
             loss = nn.functional.mse_loss(model(x), y)
             loss.backward()
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     with torch.no_grad():
         start = float(nn.functional.mse_loss(nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 8))(x), y))

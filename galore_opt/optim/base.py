@@ -24,6 +24,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     Subclasses implement :meth:`step` with :meth:`_iter_params` and :meth:`_refresh_if_due`.
     """
 
+    #: state keys that ``load_state_dict`` keeps in their saved dtype (and the refresh offset on
+    #: the CPU) instead of casting them to the parameter's dtype
+    _dtype_kept_keys: tuple[str, ...] = (*C.DTYPE_PRESERVED_KEYS, C.REFRESH_OFFSET)
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         if defaults.get("numerics") not in C.NUMERICS:
             raise ValueError(f"Invalid numerics: {defaults.get('numerics')!r} - must be one of {C.NUMERICS}")
@@ -103,7 +107,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return C.LEFT
         if has_right:
             return C.RIGHT
-        if C.EXP_AVG in state:
+        if C.STEP in state:  # initialized (and refreshed) without a basis: updated in full
             return C.NONE
         m, n = p.shape[0], p[0].numel()
         return choose_side((m, n), group["proj_type"], group["rank"], clip_rank=group["numerics"] == "galore_torch")
@@ -178,9 +182,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         the CPU beside ``step``, so the schedule is read without a device sync."""
         kept: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, dict[str, Any]] = {}
+        keep = self._dtype_kept_keys
         for pid, pstate in state_dict["state"].items():
-            kept[pid] = {k: v for k, v in pstate.items() if k in _KEPT_KEYS}
-            stripped[pid] = {k: v for k, v in pstate.items() if k not in _KEPT_KEYS}
+            kept[pid] = {k: v for k, v in pstate.items() if k in keep}
+            stripped[pid] = {k: v for k, v in pstate.items() if k not in keep}
         super().load_state_dict({**state_dict, "state": stripped})
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
@@ -191,5 +196,3 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 device = torch.device("cpu") if key == C.REFRESH_OFFSET else p.device
                 self.state[p][key] = value.to(device=device, copy=True)
 
-
-_KEPT_KEYS = (*C.DTYPE_PRESERVED_KEYS, C.REFRESH_OFFSET)

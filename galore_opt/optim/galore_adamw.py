@@ -116,30 +116,47 @@ class GaLoreAdamW(GaLoreOptimizer):
             if "rank" not in group:
                 if not state:
                     state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                    state[C.EXP_AVG] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state[C.EXP_AVG_SQ] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                adamw_update(p, p.grad, state[C.EXP_AVG], state[C.EXP_AVG_SQ], state[C.STEP], **hyper)
+                    self._init_moments(state, p, tuple(p.shape), group)
+                exp_avg, exp_avg_sq = self._load_moments(state)
+                grad = p.grad if exp_avg.dtype == p.grad.dtype else p.grad.to(exp_avg.dtype)
+                adamw_update(p, grad, exp_avg, exp_avg_sq, state[C.STEP], **hyper)
+                self._store_moments(state, exp_avg, exp_avg_sq)
                 continue
 
             param, grad = self._as_matrix(p), self._as_matrix(p.grad)
             side = self._side(p, group)
             if not state:
                 state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                shape = self._low_rank_shape(p, group, side)
-                state[C.EXP_AVG] = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                state[C.EXP_AVG_SQ] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                self._init_moments(state, p, self._low_rank_shape(p, group, side), group)
                 self._init_galore_offset(p, group)
             self._refresh_if_due(p, grad, group, index, side)
             resolve_impl(group["impl"], p.device)  # only the reference exists so far
+            exp_avg, exp_avg_sq = self._load_moments(state)
             galore_adamw_update(
                 param,
                 grad,
-                state[C.EXP_AVG],
-                state[C.EXP_AVG_SQ],
+                exp_avg,
+                exp_avg_sq,
                 state[C.STEP],
                 state.get(C.BASIS_LEFT),
                 state.get(C.BASIS_RIGHT),
                 scale=group["scale"],
                 **hyper,
             )
+            self._store_moments(state, exp_avg, exp_avg_sq)
         return loss
+
+    # Moment storage; GaLoreAdamW8bit overrides these three to keep the moments in 8 bits.
+
+    def _init_moments(self, state: dict[str, Any], p: torch.Tensor, shape: tuple[int, ...], group: dict[str, Any]) -> None:
+        for key in (C.EXP_AVG, C.EXP_AVG_SQ):
+            if shape == tuple(p.shape):
+                state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state[key] = torch.zeros(shape, dtype=p.dtype, device=p.device)
+
+    def _load_moments(self, state: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        return state[C.EXP_AVG], state[C.EXP_AVG_SQ]
+
+    def _store_moments(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        pass  # updated in place

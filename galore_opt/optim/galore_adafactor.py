@@ -1,0 +1,168 @@
+"""GaLoreAdafactor: Adafactor with gradient low-rank projection."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .. import config as C
+from ..functional import resolve_impl
+from ..functional.adafactor import adafactor_update, init_adafactor_state
+from .base import GaLoreOptimizer
+
+_DEFAULT_EPS = {"torch": (None, 1e-3), "galore_torch": (1e-30, 1e-3)}
+
+
+class GaLoreAdafactor(GaLoreOptimizer):
+    r"""Adafactor (Shazeer & Stern, 2018) with GaLore gradient low-rank projection.
+
+    For a GaLore parameter the factored second moment (one row and one column vector) is kept for
+    the projected ``r x n`` (or ``m x r``) gradient, the normalized low-rank update is projected
+    back and multiplied by ``scale``. Other parameters get plain Adafactor.
+
+    The positional arguments are galore-torch's (Hugging Face's) so that existing calls work.
+
+    Args:
+        params: parameters or param groups; a group with ``rank`` is a GaLore group (keys as in
+            :class:`~galore_opt.GaLoreAdamW`).
+        lr: ``numerics="torch"``: the ``lr`` of ``torch.optim.Adafactor`` (``None`` means its
+            default 1e-2; the step is ``min(lr, 1/sqrt(t))`` times the parameter's RMS).
+            ``numerics="galore_torch"``: the external learning rate, ``None`` with ``relative_step``.
+        eps: ``(eps1, eps2)``; ``None`` means ``(None, 1e-3)`` under torch numerics (eps1 = the
+            dtype's machine epsilon, clamping the variance estimate) and ``(1e-30, 1e-3)`` under
+            galore_torch numerics (eps1 added to the squared gradient).
+        clip_threshold: RMS threshold of the update (torch's ``d``), default 1.0.
+        decay_rate: ``1 - beta2_t = t ** decay_rate`` (torch's ``beta2_decay``), default -0.8.
+        beta1: first-moment coefficient (galore_torch numerics only; torch's Adafactor has none).
+        weight_decay: decoupled weight decay.
+        scale_parameter, relative_step, warmup_init: Hugging Face's options, honoured under
+            galore_torch numerics. torch numerics always scale by the parameter's RMS and use the
+            relative step, so they must keep their defaults there (a ``ValueError`` says so).
+        numerics: ``"torch"`` (default, ``torch.optim.Adafactor``'s arithmetic) or
+            ``"galore_torch"`` (galore-torch 1.0's, refresh schedule and exact SVD included).
+        impl: ``"auto"`` or ``"reference"`` (no fused kernel yet).
+        seed: seeds randomized refreshes with the step and the parameter's index.
+
+    Bases are computed and stored in fp32 by default (``basis_dtype`` group key): galore-torch's
+    Adafactor projects the fp32-cast gradient and so keeps an fp32 basis too.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | None = None,
+        eps: tuple[float | None, float] | None = None,
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        beta1: float | None = None,
+        weight_decay: float = 0.0,
+        scale_parameter: bool = True,
+        relative_step: bool = True,
+        warmup_init: bool = False,
+        *,
+        numerics: str = "torch",
+        impl: str = "auto",
+        seed: int = 0,
+    ) -> None:
+        if numerics not in C.NUMERICS:
+            raise ValueError(f"Invalid numerics: {numerics!r} - must be one of {C.NUMERICS}")
+        if eps is None:
+            eps = _DEFAULT_EPS[numerics]
+        if numerics == "torch":
+            if lr is None:
+                lr = 1e-2
+            for name, value, want in (
+                ("relative_step", relative_step, True),
+                ("scale_parameter", scale_parameter, True),
+                ("warmup_init", warmup_init, False),
+                ("beta1", beta1, None),
+            ):
+                if value != want:
+                    raise ValueError(
+                        f"{name}={value!r} is a Hugging Face Adafactor option: use numerics='galore_torch' "
+                        f"for it (numerics='torch' follows torch.optim.Adafactor, which has {name}={want!r})"
+                    )
+        else:
+            if lr is not None and relative_step:
+                raise ValueError(f"lr={lr!r} cannot be combined with relative_step=True (galore-torch's rule)")
+            if lr is None and not relative_step:
+                raise ValueError("relative_step=False needs an explicit lr")
+            if warmup_init and not relative_step:
+                raise ValueError("warmup_init=True requires relative_step=True")
+        if lr is not None and not lr >= 0.0:
+            raise ValueError(f"Invalid learning rate: {lr!r} - must be >= 0")
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"Invalid eps: {eps!r} - must be a pair (eps1, eps2)")
+        if (eps[0] is not None and not eps[0] >= 0.0) or not eps[1] >= 0.0:
+            raise ValueError(f"Invalid eps: {eps!r} - both must be >= 0")
+        if not decay_rate <= 0.0:
+            raise ValueError(f"Invalid decay_rate: {decay_rate!r} - must be <= 0")
+        if not clip_threshold > 0.0:
+            raise ValueError(f"Invalid clip_threshold: {clip_threshold!r} - must be > 0")
+        if beta1 is not None and not 0.0 <= beta1 < 1.0:
+            raise ValueError(f"Invalid beta1: {beta1!r} - must be in [0, 1) or None")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay!r} - must be >= 0")
+        resolve_impl(impl, torch.device("cpu"))
+        defaults = dict(
+            lr=lr,
+            eps=tuple(eps),
+            clip_threshold=clip_threshold,
+            decay_rate=decay_rate,
+            beta1=beta1,
+            weight_decay=weight_decay,
+            scale_parameter=scale_parameter,
+            relative_step=relative_step,
+            warmup_init=warmup_init,
+            numerics=numerics,
+            impl=impl,
+            seed=seed,
+        )
+        super().__init__(params, defaults)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        if "rank" in group and group.get("basis_dtype") is None:
+            group["basis_dtype"] = "float32"
+        super()._validate_group(group)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, index in self._iter_params():
+            state = self.state[p]
+            hyper = {
+                k: group[k]
+                for k in (
+                    "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                    "scale_parameter", "relative_step", "warmup_init", "numerics",
+                )
+            }
+            galore = "rank" in group
+            param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
+            side = self._side(p, group) if galore else C.NONE
+            if not state:
+                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
+                init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
+                if galore:
+                    self._init_galore_offset(p, group)
+            if galore:
+                self._refresh_if_due(p, grad, group, index, side)
+                resolve_impl(group["impl"], p.device)
+            adafactor_update(
+                param,
+                grad,
+                state,
+                state[C.STEP],
+                state.get(C.BASIS_LEFT),
+                state.get(C.BASIS_RIGHT),
+                galore=galore,
+                scale=group.get("scale", 1.0),
+                **hyper,
+            )
+        return loss

@@ -1,0 +1,133 @@
+"""GaLoreAdamW8bit: GaLoreAdamW with block-wise 8-bit moments."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import Tensor
+
+from .. import config as C
+from ..quant import DEFAULT_BLOCK_SIZE, SMALL_TENSOR_THRESHOLD, dequantize_blockwise, dynamic_map, quantize_blockwise
+from .galore_adamw import GaLoreAdamW
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    r"""GaLoreAdamW whose moments are stored in block-wise 8-bit (Dettmers et al., 2022).
+
+    The same algorithm, API and group keys as :class:`~galore_opt.GaLoreAdamW`. Each moment of at
+    least ``min_8bit_size`` elements (the *low-rank* moment's size for GaLore parameters) is kept
+    as one ``uint8`` code per element plus one fp32 absmax per block of ``block_size`` elements:
+    the first moment in bitsandbytes' signed dynamic map, the second in its unsigned one
+    (:mod:`galore_opt.quant`). Every step dequantizes the moments to fp32, runs the fp32 update
+    (the parameter update uses these fp32 moments, as bitsandbytes does) and requantizes them to
+    the nearest codes. Smaller moments stay fp32.
+
+    Unlike galore-torch's 8-bit optimizer it never clones the weight, never swaps ``p.data`` or
+    ``p.grad``, never synchronizes the device per parameter, and runs on the CPU too.
+
+    Args:
+        params, lr, betas, eps, weight_decay, numerics, impl, seed: as :class:`GaLoreAdamW`.
+        block_size: elements per quantization block (default 256, what bitsandbytes' block-wise
+            8-bit optimizers use).
+        min_8bit_size: moments with fewer elements stay fp32 (default 4096, bitsandbytes'
+            ``min_8bit_size``).
+
+    The basis is stored in bf16 by default (group key ``basis_dtype``; galore-torch stores it in
+    the gradient's dtype): with fp32 parameters a fp32 basis alone would be larger than both 8-bit
+    moments. It is computed in fp32 and only rounded for storage.
+
+    Temporaries: the fp32 dequantized moments of one parameter at a time (low-rank sized for
+    GaLore parameters, full-sized for the others) and the quantizer's fixed-size scratch.
+    """
+
+    # torch's load_state_dict would cast every state tensor (uint8 codes included) to the
+    # parameter's dtype; all of these keep their own.
+    _dtype_kept_keys = (
+        *GaLoreAdamW._dtype_kept_keys,
+        C.EXP_AVG,
+        C.EXP_AVG_SQ,
+        C.EXP_AVG_CODES,
+        C.EXP_AVG_ABSMAX,
+        C.EXP_AVG_SQ_CODES,
+        C.EXP_AVG_SQ_ABSMAX,
+    )
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float | None = None,
+        weight_decay: float = 0.0,
+        *,
+        numerics: str = "torch",
+        impl: str = "auto",
+        seed: int = 0,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        min_8bit_size: int = SMALL_TENSOR_THRESHOLD,
+    ) -> None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"Invalid block_size: {block_size!r} - must be an int >= 1")
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r} - must be an int >= 0")
+        self._block_size = block_size
+        self._min_8bit_size = min_8bit_size
+        self._maps: dict[tuple[bool, torch.device], Tensor] = {}
+        super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed)
+        self.defaults.update(block_size=block_size, min_8bit_size=min_8bit_size)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        if "rank" in group and group.get("basis_dtype") is None:
+            group["basis_dtype"] = "bfloat16"
+        super()._validate_group(group)
+
+    def _map(self, signed: bool, device: torch.device) -> Tensor:
+        key = (signed, device)
+        if key not in self._maps:
+            self._maps[key] = dynamic_map(signed=signed, device=device)
+        return self._maps[key]
+
+    def _init_moments(self, state: dict[str, Any], p: Tensor, shape: tuple[int, ...], group: dict[str, Any]) -> None:
+        numel = 1
+        for size in shape:
+            numel *= size
+        if numel < self._min_8bit_size:
+            state[C.EXP_AVG] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            state[C.EXP_AVG_SQ] = torch.zeros(shape, dtype=torch.float32, device=p.device)
+            return
+        blocks = -(-numel // self._block_size)
+        for codes_key, absmax_key, signed in (
+            (C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, True),
+            (C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX, False),
+        ):
+            zero_code = int(torch.searchsorted(self._map(signed, torch.device("cpu")), torch.tensor(0.0)))
+            state[codes_key] = torch.full(shape, zero_code, dtype=torch.uint8, device=p.device)
+            state[absmax_key] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+    def _load_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        if C.EXP_AVG in state:
+            return state[C.EXP_AVG], state[C.EXP_AVG_SQ]
+        codes = state[C.EXP_AVG_CODES]
+        return tuple(
+            dequantize_blockwise(
+                state[codes_key], state[absmax_key], self._map(signed, codes.device), self._block_size,
+                codes.shape, torch.float32,
+            )
+            for codes_key, absmax_key, signed in (
+                (C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, True),
+                (C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX, False),
+            )
+        )
+
+    def _store_moments(self, state: dict[str, Any], exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if C.EXP_AVG in state:
+            return  # fp32, updated in place
+        for value, codes_key, absmax_key, signed in (
+            (exp_avg, C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, True),
+            (exp_avg_sq, C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX, False),
+        ):
+            codes, absmax = state[codes_key], state[absmax_key]
+            quantize_blockwise(
+                value, self._map(signed, value.device), self._block_size, out=(codes.view(-1), absmax)
+            )
