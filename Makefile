@@ -24,11 +24,15 @@ setup: $(STAMP)
 demo: setup
 	$(PY) examples/pretrain_llama.py
 
+# Kernel tests run in a second pytest process with Triton's interpreter on (it must be set
+# before the kernel modules are imported, and it would send every other test's impl="auto"
+# through the slow interpreter).
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --ignore=tests/kernels
 
 bench: setup
 	$(PY) benchmarks/bench_projector.py

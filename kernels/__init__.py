@@ -1,9 +1,8 @@
 """Triton kernels of galore-opt, installed as the subpackage ``galore_opt.kernels``.
 
 Importing this package imports no Triton; :func:`triton_usable` checks, without launching
-anything, whether a kernel could run on a device. The fused GaLore-AdamW kernels are the subject of
-a later change: until they land, :func:`fused_galore_adamw_available` is False and the optimizers'
-``impl="auto"`` takes the pure-PyTorch reference path.
+anything, whether a kernel could run on a device; :func:`kernel_available` says which kernels
+ship. Kernel modules (``adamw8bit``) import Triton and are imported only when a kernel is used.
 """
 
 from __future__ import annotations
@@ -33,9 +32,17 @@ def triton_usable(device: torch.device | str) -> bool:
     return device.type == "cpu" and interpreter_mode()
 
 
-def fused_galore_adamw_available() -> bool:
-    """Whether this build ships the fused GaLore-AdamW kernels (not yet: see module docstring)."""
-    return False
+#: optimizer step kernels this build ships, by the name the optimizers ask for
+KERNELS = ("adamw8bit",)
 
 
-__all__ = ["fused_galore_adamw_available", "interpreter_mode", "triton_usable"]
+def kernel_available(name: str) -> bool:
+    """Whether the fused kernel ``name`` ships in this build and Triton is installed.
+
+    ``"adamw8bit"``: the 8-bit block-wise moment update (:mod:`galore_opt.kernels.adamw8bit`).
+    ``"galore_adamw"`` (the fp32 fused GaLore-AdamW step) is not written yet.
+    """
+    return name in KERNELS and importlib.util.find_spec("triton") is not None
+
+
+__all__ = ["KERNELS", "interpreter_mode", "kernel_available", "triton_usable"]

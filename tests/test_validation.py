@@ -81,3 +81,13 @@ def test_galore_keys_get_galore_torch_defaults():
     # no 'rank', no GaLore: a plain AdamW group keeps no GaLore keys
     plain = GaLoreAdamW([_w(8, 8)]).param_groups[0]
     assert "rank" not in plain and "update_proj_gap" not in plain
+
+
+def test_8bit_impl_triton_without_gpu_or_interpreter_raises(monkeypatch):
+    from galore_opt import GaLoreAdamW8bit
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if torch.cuda.is_available():
+        pytest.skip("a GPU can honour impl='triton'")
+    with pytest.raises(ValueError, match="impl='triton'"):
+        GaLoreAdamW8bit([_w(4, 4)], impl="triton")

@@ -22,12 +22,13 @@ def triton_usable(device: torch.device) -> bool:
     return _usable(device)
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
+def resolve_impl(impl: str, device: torch.device, kernel: str | None = None) -> str:
     """Map a requested ``impl`` to the implementation that runs on ``device``.
 
-    ``"reference"`` always works. ``"auto"`` takes the Triton kernels where they are usable *and*
-    registered for this optimizer, else the reference. ``"triton"`` that cannot be honoured raises
-    instead of silently falling back.
+    ``kernel`` names the fused kernel the optimizer would use (``None``: it has none).
+    ``"reference"`` always works. ``"auto"`` takes the Triton kernel where it ships and Triton can
+    launch on ``device`` (a CUDA device, or the interpreter for CPU tensors), else the reference.
+    ``"triton"`` that cannot be honoured raises instead of silently falling back.
     """
     if impl not in IMPLS:
         raise ValueError(f"Invalid impl: {impl!r} - must be one of {IMPLS}")
@@ -35,12 +36,12 @@ def resolve_impl(impl: str, device: torch.device) -> str:
         return "reference"
     from galore_opt import kernels
 
-    available = kernels.fused_galore_adamw_available()
+    available = kernel is not None and kernels.kernel_available(kernel)
     if impl == "triton":
         if not available:
             raise ValueError(
-                "impl='triton' was requested but the fused GaLore-AdamW Triton kernels are not "
-                "available in this build of galore_opt; use impl='reference' or 'auto'"
+                f"impl='triton' was requested but no fused Triton kernel ({kernel or 'none for this optimizer'}) "
+                "is available (is Triton installed?); use impl='reference' or 'auto'"
             )
         if not kernels.triton_usable(device):
             raise ValueError(

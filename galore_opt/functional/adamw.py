@@ -64,6 +64,34 @@ def adamw_update(
         param.add_(param, alpha=-lr * weight_decay)
 
 
+def bases_for_compute(
+    grad: Tensor, left: Tensor | None, right: Tensor | None
+) -> tuple[Tensor | None, Tensor | None, torch.dtype]:
+    """The bases cast to the dtype the projections run in: the gradient's, or fp32 when a stored
+    basis has another dtype (e.g. a bf16 basis of an fp32 parameter, or an fp32 one of a bf16)."""
+    compute_dtype = grad.dtype
+    basis_dtypes = {b.dtype for b in (left, right) if b is not None}
+    if basis_dtypes and basis_dtypes != {grad.dtype}:
+        compute_dtype = torch.float32
+    left_c = None if left is None else left.to(compute_dtype)
+    right_c = None if right is None else right.to(compute_dtype)
+    return left_c, right_c, compute_dtype
+
+
+def add_projected_back(param: Tensor, norm: Tensor, left: Tensor | None, right: Tensor | None, *, alpha: float) -> None:
+    """``W += alpha * back(N)``; one GEMM accumulating into ``W`` (no full-size temporary) when a
+    single side is projected and the dtypes agree."""
+    dtype = (left if left is not None else right).dtype if (left is not None or right is not None) else param.dtype
+    if dtype == param.dtype and (left is None) != (right is None):
+        if left is not None:
+            param.addmm_(left, norm.to(dtype), alpha=alpha)
+        else:
+            param.addmm_(norm.to(dtype), right, alpha=alpha)
+    else:
+        update = project_back(norm.to(dtype), left, right)
+        param.add_(update.to(param.dtype), alpha=alpha)
+
+
 def galore_adamw_update(
     param: Tensor,
     grad: Tensor,
@@ -89,12 +117,7 @@ def galore_adamw_update(
     """
     step_t += 1
     step = step_t.item()
-    compute_dtype = grad.dtype
-    basis_dtypes = {b.dtype for b in (left, right) if b is not None}
-    if basis_dtypes and basis_dtypes != {grad.dtype}:
-        compute_dtype = torch.float32  # a basis wider than the gradient: project in fp32
-    left_c = None if left is None else left.to(compute_dtype)
-    right_c = None if right is None else right.to(compute_dtype)
+    left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
     low = project(grad.to(compute_dtype), left_c, right_c).to(exp_avg.dtype)
 
     if numerics == "torch":
@@ -105,17 +128,7 @@ def galore_adamw_update(
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
-        norm = exp_avg / denom
-        alpha = -lr * scale / bias_correction1
-        if compute_dtype == param.dtype and (left_c is None) != (right_c is None):
-            # W += alpha * (P N) or (N P) as one GEMM accumulating into W: no full-size temporary.
-            if left_c is not None:
-                param.addmm_(left_c, norm.to(compute_dtype), alpha=alpha)
-            else:
-                param.addmm_(norm.to(compute_dtype), right_c, alpha=alpha)
-        else:
-            update = project_back(norm.to(compute_dtype), left_c, right_c)
-            param.add_(update.to(param.dtype), alpha=alpha)
+        add_projected_back(param, exp_avg / denom, left_c, right_c, alpha=-lr * scale / bias_correction1)
         return
 
     exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)

@@ -42,7 +42,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             relative step, so they must keep their defaults there (a ``ValueError`` says so).
         numerics: ``"torch"`` (default, ``torch.optim.Adafactor``'s arithmetic) or
             ``"galore_torch"`` (galore-torch 1.0's, refresh schedule and exact SVD included).
-        impl: ``"auto"`` or ``"reference"`` (no fused kernel yet).
+        impl: ``"auto"`` or ``"reference"`` (there is no fused Adafactor kernel; ``"triton"`` raises).
         seed: seeds randomized refreshes with the step and the parameter's index.
 
     Bases are computed and stored in fp32 by default (``basis_dtype`` group key): galore-torch's
@@ -105,7 +105,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
             raise ValueError(f"Invalid beta1: {beta1!r} - must be in [0, 1) or None")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay!r} - must be >= 0")
-        resolve_impl(impl, torch.device("cpu"))
+        if impl not in ("auto", "reference", "triton"):
+            raise ValueError(f"Invalid impl: {impl!r} - must be one of ('auto', 'reference', 'triton')")
+        if impl == "triton":
+            resolve_impl(impl, torch.device("cpu"), None)  # no Adafactor kernel: raises
         defaults = dict(
             lr=lr,
             eps=tuple(eps),
@@ -154,7 +157,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
                     self._init_galore_offset(p, group)
             if galore:
                 self._refresh_if_due(p, grad, group, index, side)
-                resolve_impl(group["impl"], p.device)
+                resolve_impl(group["impl"], p.device, None)
             adafactor_update(
                 param,
                 grad,

@@ -80,7 +80,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         if eps is None:
             eps = _DEFAULT_EPS[numerics]
         C.validate_adam_hyperparameters(lr, betas, eps, weight_decay)
-        resolve_impl(impl, torch.device("cpu"))  # validates the name; devices are resolved per step
+        if impl not in ("auto", "reference", "triton"):
+            raise ValueError(f"Invalid impl: {impl!r} - must be one of ('auto', 'reference', 'triton')")
+        if impl == "triton":  # fail at construction, not at the first step
+            resolve_impl(impl, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), self._kernel)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -130,7 +133,11 @@ class GaLoreAdamW(GaLoreOptimizer):
                 self._init_moments(state, p, self._low_rank_shape(p, group, side), group)
                 self._init_galore_offset(p, group)
             self._refresh_if_due(p, grad, group, index, side)
-            resolve_impl(group["impl"], p.device)  # only the reference exists so far
+            left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
+            if resolve_impl(group["impl"], p.device, self._kernel) == "triton" and self._fused_galore_step(
+                param, grad, state, left, right, group
+            ):
+                continue
             exp_avg, exp_avg_sq = self._load_moments(state)
             galore_adamw_update(
                 param,
@@ -138,13 +145,20 @@ class GaLoreAdamW(GaLoreOptimizer):
                 exp_avg,
                 exp_avg_sq,
                 state[C.STEP],
-                state.get(C.BASIS_LEFT),
-                state.get(C.BASIS_RIGHT),
+                left,
+                right,
                 scale=group["scale"],
                 **hyper,
             )
             self._store_moments(state, exp_avg, exp_avg_sq)
         return loss
+
+    #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
+    _kernel: str | None = None
+
+    def _fused_galore_step(self, param, grad, state, left, right, group) -> bool:
+        """Run the step with the Triton kernel; False if this parameter's state has no kernel path."""
+        return False
 
     # Moment storage; GaLoreAdamW8bit overrides these three to keep the moments in 8 bits.
 

@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 
 from .. import config as C
+from ..functional.adamw import add_projected_back, bases_for_compute
+from ..projector import project
 from ..quant import DEFAULT_BLOCK_SIZE, SMALL_TENSOR_THRESHOLD, dequantize_blockwise, dynamic_map, quantize_blockwise
 from .galore_adamw import GaLoreAdamW
 
@@ -77,6 +79,44 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._maps: dict[tuple[bool, torch.device], Tensor] = {}
         super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed)
         self.defaults.update(block_size=block_size, min_8bit_size=min_8bit_size)
+
+    _kernel = "adamw8bit"
+
+    def _fused_galore_step(self, param, grad, state, left, right, group) -> bool:
+        """The Triton path: cuBLAS down-projection, the fused 8-bit moment kernel, one GEMM that
+        accumulates the projected-back update into ``W``. fp32 (small) moments, galore_torch
+        numerics and block sizes the kernel does not take stay on the reference path."""
+        block = self._block_size
+        if C.EXP_AVG_CODES not in state or group["numerics"] != "torch" or block & (block - 1) or block < 16:
+            return False
+        from galore_opt.kernels.adamw8bit import fused_adamw8bit
+
+        step_t = state[C.STEP]
+        step_t += 1
+        step = step_t.item()  # a CPU tensor, as torch.optim keeps it: no device sync
+        beta1, beta2 = group["betas"]
+        left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
+        low = project(grad.to(compute_dtype), left_c, right_c)
+        norm = fused_adamw8bit(
+            low,
+            state[C.EXP_AVG_CODES],
+            state[C.EXP_AVG_ABSMAX],
+            state[C.EXP_AVG_SQ_CODES],
+            state[C.EXP_AVG_SQ_ABSMAX],
+            self._map(True, low.device),
+            self._map(False, low.device),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            step=step,
+            block_size=block,
+            out_dtype=compute_dtype,
+        )
+        lr, weight_decay = group["lr"], group["weight_decay"]
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        add_projected_back(param, norm, left_c, right_c, alpha=-lr * group["scale"] / (1 - beta1**step))
+        return True
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if "rank" in group and group.get("basis_dtype") is None:
