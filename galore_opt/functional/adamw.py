@@ -109,16 +109,20 @@ def galore_adamw_update(
     scale: float,
     numerics: str = "torch",
     correct_bias: bool = True,
+    low: Tensor | None = None,
 ) -> None:
     """One GaLore-AdamW step of a 2-D parameter, in place.
 
     ``left`` / ``right`` are the stored bases (``None`` for a side not projected; both ``None``
-    updates the parameter in full, scaled). The moments have the low-rank shape.
+    updates the parameter in full, scaled). The moments have the low-rank shape. ``low``, if
+    given, is the already projected gradient (``grad`` is then ignored).
     """
     step_t += 1
     step = step_t.item()
-    left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
-    low = project(grad.to(compute_dtype), left_c, right_c).to(exp_avg.dtype)
+    left_c, right_c, compute_dtype = bases_for_compute(param if low is not None else grad, left, right)
+    if low is None:
+        low = project(grad.to(compute_dtype), left_c, right_c)
+    low = low.to(exp_avg.dtype)
 
     if numerics == "torch":
         if weight_decay != 0:

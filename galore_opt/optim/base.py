@@ -80,18 +80,61 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     # --- iteration and state -----------------------------------------------------------------
 
-    def _iter_params(self):
-        """Yield ``(group, param, index)`` for params with a gradient; ``index`` is the param's
-        position in the optimizer (stable across ranks and resumes: it seeds refreshes)."""
+    def _iter_params(self, only: Tensor | None = None):
+        """Yield ``(group, param, index)`` for params with a gradient (or just ``only``); ``index``
+        is the param's position in the optimizer (stable across ranks and resumes: it seeds
+        refreshes)."""
         index = itertools.count()
         for group in self.param_groups:
             for p in group["params"]:
                 i = next(index)
-                if p.grad is None:
+                if only is not None and p is not only:
                     continue
-                if p.grad.is_sparse:
+                if p.grad is None and only is None:
+                    continue
+                if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 yield group, p, i
+
+    # --- hooks for optimizer-in-backward (galore_opt.layerwise) ------------------------------
+
+    def _group_of(self, p: Tensor) -> dict[str, Any]:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("parameter is not in this optimizer")
+
+    def low_rank_accumulation_ready(self, p: Tensor) -> bool:
+        """Whether ``p``'s gradient for the *next* step may be accumulated in its projected form:
+        ``p`` is a projected GaLore parameter whose basis exists and is not refreshed on the next
+        step (a refresh needs the full accumulated gradient)."""
+        if not self._supports_low_rank_grad:
+            return False
+        group = self._group_of(p)
+        if "rank" not in group:
+            return False
+        state = self.state[p]
+        side = self._side(p, group)
+        return side != C.NONE and C.STEP in state and not self._refresh_due(state, group, side)
+
+    def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
+        """``grad`` projected with ``p``'s current basis, in fp32 (see
+        :meth:`low_rank_accumulation_ready`)."""
+        from ..functional.adamw import bases_for_compute
+        from ..projector import project
+
+        state = self.state[p]
+        left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
+        g = self._as_matrix(grad).float()
+        left_c, right_c, _ = bases_for_compute(g, left, right)
+        return project(g, left_c, right_c)
+
+    def step_param(self, p: Tensor, low_rank_grad: Tensor | None = None) -> None:
+        """Update only ``p`` from ``p.grad``, or from an already projected gradient."""
+        raise NotImplementedError(f"{type(self).__name__} has no single-parameter step")
+
+    #: whether step_param accepts a projected gradient (GaLoreAdamW and GaLoreAdamW8bit do)
+    _supports_low_rank_grad = False
 
     @staticmethod
     def _as_matrix(t: Tensor) -> Tensor:

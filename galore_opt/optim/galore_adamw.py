@@ -105,60 +105,84 @@ class GaLoreAdamW(GaLoreOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, p, index in self._iter_params():
-            state = self.state[p]
-            beta1, beta2 = group["betas"]
-            hyper = dict(
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                numerics=group["numerics"],
-                correct_bias=group["correct_bias"],
-            )
-            if "rank" not in group:
-                if not state:
-                    state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                    self._init_moments(state, p, tuple(p.shape), group)
-                exp_avg, exp_avg_sq = self._load_moments(state)
-                grad = p.grad if exp_avg.dtype == p.grad.dtype else p.grad.to(exp_avg.dtype)
-                adamw_update(p, grad, exp_avg, exp_avg_sq, state[C.STEP], **hyper)
-                self._store_moments(state, exp_avg, exp_avg_sq)
-                continue
-
-            param, grad = self._as_matrix(p), self._as_matrix(p.grad)
-            side = self._side(p, group)
-            if not state:
-                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                self._init_moments(state, p, self._low_rank_shape(p, group, side), group)
-                self._init_galore_offset(p, group)
-            self._refresh_if_due(p, grad, group, index, side)
-            left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
-            if resolve_impl(group["impl"], p.device, self._kernel) == "triton" and self._fused_galore_step(
-                param, grad, state, left, right, group
-            ):
-                continue
-            exp_avg, exp_avg_sq = self._load_moments(state)
-            galore_adamw_update(
-                param,
-                grad,
-                exp_avg,
-                exp_avg_sq,
-                state[C.STEP],
-                left,
-                right,
-                scale=group["scale"],
-                **hyper,
-            )
-            self._store_moments(state, exp_avg, exp_avg_sq)
+            self._step_one(group, p, index)
         return loss
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
     _kernel: str | None = None
 
-    def _fused_galore_step(self, param, grad, state, left, right, group) -> bool:
+    def _fused_galore_step(self, param, grad, state, left, right, group, low=None) -> bool:
         """Run the step with the Triton kernel; False if this parameter's state has no kernel path."""
         return False
+
+    @torch.no_grad()
+    def step_param(self, p: torch.Tensor, low_rank_grad: torch.Tensor | None = None) -> None:
+        """Update only ``p`` (optimizer-in-backward). ``low_rank_grad``: the gradient already
+        projected with ``p``'s current basis (accumulated micro-batches), used instead of
+        ``p.grad``; only when :meth:`low_rank_accumulation_ready` said so."""
+        for group, q, index in self._iter_params(only=p):
+            self._step_one(group, q, index, low_rank_grad)
+
+    _supports_low_rank_grad = True
+
+    def _step_one(self, group, p, index, low_rank_grad=None) -> None:
+        state = self.state[p]
+        beta1, beta2 = group["betas"]
+        hyper = dict(
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            numerics=group["numerics"],
+            correct_bias=group["correct_bias"],
+        )
+        if "rank" not in group:
+            if p.grad is None:
+                return
+            if not state:
+                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                self._init_moments(state, p, tuple(p.shape), group)
+            exp_avg, exp_avg_sq = self._load_moments(state)
+            grad = p.grad if exp_avg.dtype == p.grad.dtype else p.grad.to(exp_avg.dtype)
+            adamw_update(p, grad, exp_avg, exp_avg_sq, state[C.STEP], **hyper)
+            self._store_moments(state, exp_avg, exp_avg_sq)
+            return
+
+        param = self._as_matrix(p)
+        side = self._side(p, group)
+        if low_rank_grad is None:
+            if p.grad is None:
+                return
+            grad = self._as_matrix(p.grad)
+            if not state:
+                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                self._init_moments(state, p, self._low_rank_shape(p, group, side), group)
+                self._init_galore_offset(p, group)
+            self._refresh_if_due(p, grad, group, index, side)
+        else:
+            if not self.low_rank_accumulation_ready(p):
+                raise RuntimeError("a projected gradient was given for a parameter whose basis is due for a refresh")
+            grad = None
+        left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
+        if resolve_impl(group["impl"], p.device, self._kernel) == "triton" and self._fused_galore_step(
+            param, grad, state, left, right, group, low_rank_grad
+        ):
+            return
+        exp_avg, exp_avg_sq = self._load_moments(state)
+        galore_adamw_update(
+            param,
+            grad,
+            exp_avg,
+            exp_avg_sq,
+            state[C.STEP],
+            left,
+            right,
+            scale=group["scale"],
+            low=low_rank_grad,
+            **hyper,
+        )
+        self._store_moments(state, exp_avg, exp_avg_sq)
 
     # Moment storage; GaLoreAdamW8bit overrides these three to keep the moments in 8 bits.
 

@@ -82,7 +82,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     _kernel = "adamw8bit"
 
-    def _fused_galore_step(self, param, grad, state, left, right, group) -> bool:
+    def _fused_galore_step(self, param, grad, state, left, right, group, low=None) -> bool:
         """The Triton path: cuBLAS down-projection, the fused 8-bit moment kernel, one GEMM that
         accumulates the projected-back update into ``W``. fp32 (small) moments, galore_torch
         numerics and block sizes the kernel does not take stay on the reference path."""
@@ -95,8 +95,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         step_t += 1
         step = step_t.item()  # a CPU tensor, as torch.optim keeps it: no device sync
         beta1, beta2 = group["betas"]
-        left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
-        low = project(grad.to(compute_dtype), left_c, right_c)
+        left_c, right_c, compute_dtype = bases_for_compute(param, left, right)
+        if low is None:
+            low = project(grad.to(compute_dtype), left_c, right_c)
+        else:
+            low = low.to(compute_dtype)
         norm = fused_adamw8bit(
             low,
             state[C.EXP_AVG_CODES],

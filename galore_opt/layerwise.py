@@ -1,0 +1,227 @@
+"""Optimizer-in-backward ("layer-wise") training: each parameter is updated as soon as its
+gradient is accumulated, and the gradient is freed, so the full gradient never exists at once.
+
+    optimizer = LayerwiseOptimizer(GaLoreAdamW8bit(groups, lr=1e-3), accumulation_steps=4)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda)   # one scheduler for all
+    for step, batch in enumerate(loader):
+        loss = model(**batch).loss / 4
+        loss.backward()             # updates happen inside, on every 4th micro-batch
+        optimizer.step()            # bookkeeping only
+        optimizer.zero_grad()       # no-op: gradients are already freed
+        if (step + 1) % 4 == 0:
+            scheduler.step()
+            log(optimizer.grad_norm)  # the global gradient norm of the last update
+
+Gradient accumulation over ``k`` micro-batches: a GaLore parameter accumulates its *projected*
+gradient (``r x n`` in fp32 instead of ``m x n``) and frees the full one after every micro-batch;
+on a step where its basis is refreshed it keeps the full accumulated gradient instead, so the
+refresh is exact. Other parameters accumulate in ``p.grad`` as usual. The result equals the
+non-layer-wise optimizer with the same accumulation up to floating-point reassociation.
+
+Gradient norm and clipping: the norm of every gradient applied is summed during backward;
+:attr:`grad_norm` is the global norm of the last update (exact without accumulation, and for every
+parameter that accumulated in full; for a GaLore parameter that accumulated its projection it is
+the norm of the projected gradient, i.e. of the part the optimizer uses). Clipping cannot wait for
+the global norm, so ``clip_mode="previous"`` scales each gradient by ``min(1, max_grad_norm /
+previous global norm)`` and ``clip_mode="parameter"`` clips each parameter's gradient to
+``max_grad_norm`` on its own.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optim.base import GaLoreOptimizer
+
+CLIP_MODES = (None, "previous", "parameter")
+_STATE_VERSION = 1
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Wrap galore-opt optimizers (and plain ``torch.optim`` ones) for optimizer-in-backward.
+
+    Args:
+        optimizers: one optimizer or a list; their param groups become this object's param
+            groups (the same dicts), so one LR scheduler on this object drives all of them. A
+            parameter must appear in one optimizer only.
+        accumulation_steps: micro-batches per update (``backward`` calls); default 1.
+        max_grad_norm: clipping threshold; ``None`` disables clipping.
+        clip_mode: ``"previous"`` (default when ``max_grad_norm`` is set) or ``"parameter"``.
+
+    ``step()`` and ``zero_grad()`` are bookkeeping (safe to leave in a loop); ``state_dict()``
+    holds every inner optimizer's real state plus the micro-batch counter, loads with
+    ``torch.load(weights_only=True)``, and resumes bit-exactly; :meth:`remove_hooks` detaches it.
+    """
+
+    def __init__(
+        self,
+        optimizers: torch.optim.Optimizer | list[torch.optim.Optimizer],
+        *,
+        accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+        clip_mode: str | None = None,
+    ) -> None:
+        self.optimizers = [optimizers] if isinstance(optimizers, torch.optim.Optimizer) else list(optimizers)
+        if not self.optimizers or not all(isinstance(o, torch.optim.Optimizer) for o in self.optimizers):
+            raise ValueError("LayerwiseOptimizer needs one or more torch.optim.Optimizer instances")
+        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) or accumulation_steps < 1:
+            raise ValueError(f"Invalid accumulation_steps: {accumulation_steps!r} - must be an int >= 1")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+            raise ValueError(f"Invalid max_grad_norm: {max_grad_norm!r} - must be > 0 or None")
+        if clip_mode is None and max_grad_norm is not None:
+            clip_mode = "previous"
+        if clip_mode not in CLIP_MODES:
+            raise ValueError(f"Invalid clip_mode: {clip_mode!r} - must be one of {CLIP_MODES}")
+        if clip_mode is not None and max_grad_norm is None:
+            raise ValueError(f"clip_mode={clip_mode!r} needs max_grad_norm")
+        self.accumulation_steps = accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.clip_mode = clip_mode
+
+        groups = [g for o in self.optimizers for g in o.param_groups]
+        owners: dict[int, torch.optim.Optimizer] = {}
+        for o in self.optimizers:
+            for g in o.param_groups:
+                for p in g["params"]:
+                    if id(p) in owners:
+                        raise ValueError("a parameter appears in more than one optimizer")
+                    owners[id(p)] = o
+        self._owner = owners
+        # The inner groups themselves (same dict objects): a scheduler's lr changes reach them.
+        torch.optim.Optimizer.__init__(self, [{"params": []}], {})
+        self.param_groups = groups
+
+        self.micro_step = 0  # backward passes seen
+        self.grad_norm: float | None = None  # global norm of the last update's gradients
+        self._sq_norm = 0.0
+        self._prev_norm: float | None = None
+        self._callback_queued = False
+        self._low_rank: dict[int, Tensor] = {}  # projected accumulation buffers, by id(param)
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self._hook)
+            for g in groups
+            for p in g["params"]
+            if p.requires_grad
+        ]
+
+    # --- the hook ------------------------------------------------------------------------------
+
+    def _last_micro_batch(self) -> bool:
+        return self.micro_step % self.accumulation_steps == self.accumulation_steps - 1
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        if self._last_micro_batch():
+            self.grad_norm = math.sqrt(self._sq_norm)
+            self._prev_norm = self.grad_norm
+            self._sq_norm = 0.0
+        self.micro_step += 1
+
+    @torch.no_grad()
+    def _hook(self, p: Tensor) -> None:
+        if not self._callback_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._callback_queued = True
+        opt = self._owner[id(p)]
+        low_rank_ok = isinstance(opt, GaLoreOptimizer) and opt.low_rank_accumulation_ready(p)
+        if not self._last_micro_batch():
+            if low_rank_ok and self.accumulation_steps > 1:
+                low = opt.project_gradient(p, p.grad)
+                buf = self._low_rank.get(id(p))
+                self._low_rank[id(p)] = low if buf is None else buf.add_(low)
+                p.grad = None
+            return  # other parameters keep accumulating in p.grad
+
+        low = None
+        buf = self._low_rank.pop(id(p), None)
+        if buf is not None:
+            low = buf.add_(opt.project_gradient(p, p.grad))
+            p.grad = None
+        grad = low if low is not None else p.grad
+        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
+        self._sq_norm += norm * norm
+        coef = 1.0
+        if self.clip_mode == "previous" and self._prev_norm is not None:
+            coef = min(1.0, self.max_grad_norm / (self._prev_norm + 1e-6))
+        elif self.clip_mode == "parameter":
+            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
+        if coef < 1.0:
+            grad.mul_(coef)
+        if low is not None:
+            opt.step_param(p, low_rank_grad=low)
+        elif isinstance(opt, GaLoreOptimizer) and type(opt).step_param is not GaLoreOptimizer.step_param:
+            opt.step_param(p)
+        else:
+            self._step_only(opt, p)
+        p.grad = None
+
+    @staticmethod
+    def _step_only(opt: torch.optim.Optimizer, p: Tensor) -> None:
+        """Step a plain torch optimizer for ``p`` alone: hide the other parameters' gradients."""
+        hidden = []
+        for g in opt.param_groups:
+            for q in g["params"]:
+                if q is not p and q.grad is not None:
+                    hidden.append((q, q.grad))
+                    q.grad = None
+        try:
+            opt.step()
+        finally:
+            for q, grad in hidden:
+                q.grad = grad
+
+    # --- the torch.optim.Optimizer protocol -----------------------------------------------------
+
+    def step(self, closure: Any = None) -> Any:
+        """Bookkeeping only: updates happen during ``backward``. Runs ``closure`` if given."""
+        if closure is not None:
+            with torch.enable_grad():
+                return closure()
+        return None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """No-op: the hooks free each gradient after its update (accumulating ones are kept)."""
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (e.g. to switch back to a normal optimizer)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._low_rank or self.micro_step % self.accumulation_steps:
+            raise RuntimeError("save between updates, not in the middle of an accumulation")
+        meta = {"version": _STATE_VERSION, "micro_step": self.micro_step, "accumulation_steps": self.accumulation_steps}
+        if self._prev_norm is not None:
+            meta["prev_norm"] = self._prev_norm
+        return {"optimizers": [o.state_dict() for o in self.optimizers], "layerwise": meta}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict["optimizers"]
+        if len(saved) != len(self.optimizers):
+            raise ValueError(f"state dict holds {len(saved)} optimizers, this object wraps {len(self.optimizers)}")
+        for o, s in zip(self.optimizers, saved):
+            o.load_state_dict(s)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        meta = state_dict["layerwise"]
+        self.micro_step = int(meta["micro_step"])
+        self._prev_norm = meta.get("prev_norm")
+        self.grad_norm = self._prev_norm
+
+    @property
+    def state(self):  # every inner optimizer's per-parameter state, read-only view
+        merged: dict[Tensor, Any] = {}
+        for o in self.optimizers:
+            merged.update(o.state)
+        return merged
+
+    @state.setter
+    def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns it
+        pass
+
+
+__all__ = ["CLIP_MODES", "LayerwiseOptimizer"]
