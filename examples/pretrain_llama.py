@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 import galore_opt
+from galore_opt.layerwise import LayerwiseOptimizer
 from galore_opt.toy import TokenStream, build_llama, llama_config
 
 try:
@@ -56,8 +57,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=4096, help="BPE vocabulary size")
     p.add_argument("--eval-batches", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--optimizers",
+        default="AdamW,GaLoreAdamW",
+        help=f"comma-separated runs, from {','.join(OPTIMIZERS)} (default AdamW,GaLoreAdamW)",
+    )
     p.add_argument("--out", type=Path, default=Path("results/demo"))
     return p.parse_args(argv)
+
+
+OPTIMIZERS = ("AdamW", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdamW-layerwise", "GaLoreAdamW8bit-layerwise")
 
 
 def lr_lambda(steps: int, warmup: int):
@@ -99,7 +108,11 @@ def train(
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(plain, lr=args.lr)
         lr = args.lr
     else:
-        optimizer = galore_opt.GaLoreAdamW(groups, lr=args.galore_lr, seed=args.seed)
+        cls = galore_opt.GaLoreAdamW8bit if name.startswith("GaLoreAdamW8bit") else galore_opt.GaLoreAdamW
+        optimizer = cls(groups, lr=args.galore_lr, seed=args.seed)
+        if name.endswith("-layerwise"):
+            # updates happen inside backward; step()/zero_grad() below are bookkeeping
+            optimizer = LayerwiseOptimizer(optimizer)
         lr = args.galore_lr
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, warmup))
@@ -185,13 +198,17 @@ def main(argv: list[str] | None = None) -> None:
         f"{args.batch}x{args.seq} tokens | torch threads {torch.get_num_threads()}"
     )
 
-    results = [train(name, args, data, config, eval_batches) for name in ("AdamW", "GaLoreAdamW")]
+    names = [n.strip() for n in args.optimizers.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise SystemExit(f"unknown --optimizers {unknown or args.optimizers!r}: choose from {', '.join(OPTIMIZERS)}")
+    results = [train(name, args, data, config, eval_batches) for name in names]
 
-    header = f"{'optimizer':<12} {'lr':>7} {'train loss':>10} {'eval loss':>9} {'eval ppl':>9} {'state MiB':>9} {'step ms':>8} {'opt ms':>7}"
+    header = f"{'optimizer':<26} {'lr':>7} {'train loss':>10} {'eval loss':>9} {'eval ppl':>9} {'state MiB':>9} {'step ms':>8} {'opt ms':>7}"
     print("\n" + header + "\n" + "-" * len(header))
     for r in results:
         print(
-            f"{r['optimizer']:<12} {r['lr']:>7.0e} {r['final_train_loss']:>10.3f} {r['eval_loss']:>9.3f} "
+            f"{r['optimizer']:<26} {r['lr']:>7.0e} {r['final_train_loss']:>10.3f} {r['eval_loss']:>9.3f} "
             f"{r['eval_ppl']:>9.1f} {r['optimizer_state_mib']:>9.2f} {r['step_ms']:>8.1f} {r['optimizer_step_ms']:>7.1f}"
         )
     print(
