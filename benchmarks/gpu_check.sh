@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One short GPU check: GPU tests + benchmarks in one call, JSON results in $OUT (or
+# benchmarks/results/gpu-<date>/). Meant for the lent H100/H200 (torch and Triton preinstalled
+# there; galore-torch and bitsandbytes travel as wheels in .whl/, see benchmarks/README.md).
+#
+#   bash benchmarks/gpu_check.sh            # about 5 minutes on an H100
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+else
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# galore_opt.kernels is the kernels/ folder: make it importable without installing.
+ln -sfn "$PWD/kernels" galore_opt/kernels 2>/dev/null || true
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
+  | tee -a "$OUT/device.txt"
+
+status=0
+# 1. tests on the GPU: the whole suite (GPU-marked tests run here) and the kernels on CUDA.
+python3 -m pytest -q -x --ignore=tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest.txt" || status=1
+python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest-kernels.txt" || status=1
+tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt"
+
+# 2. optimizer step at the ANCHORS.md shapes (bf16): 1B 4 layers rank 512, 7B 2 layers rank 1024.
+python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 1b --layers 4 --rank 512 \
+  --out "$OUT/bench_step-1b.json" || status=1
+python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 7b --layers 2 --rank 1024 \
+  --out "$OUT/bench_step-7b.json" || status=1
+
+rm -f galore_opt/kernels
+exit $status
