@@ -52,4 +52,13 @@ def resolve_impl(impl: str, device: torch.device, kernel: str | None = None) -> 
     return "triton" if available and kernels.triton_usable(device) else "reference"
 
 
-__all__ = ["IMPLS", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]
+def check_impl(impl: str, kernel: str | None) -> None:
+    """Validate ``impl`` when an optimizer is built: an unknown name, or ``"triton"`` that no
+    device here could honour, raises now rather than at the first step."""
+    if impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r} - must be one of {IMPLS}")
+    if impl == "triton":
+        resolve_impl(impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"), kernel)
+
+
+__all__ = ["IMPLS", "check_impl", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import config as C
-from ..functional import resolve_impl
+from ..functional import check_impl, resolve_impl
 from ..functional.adafactor import adafactor_update, init_adafactor_state
 from .base import GaLoreOptimizer
 
@@ -105,10 +105,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             raise ValueError(f"Invalid beta1: {beta1!r} - must be in [0, 1) or None")
         if not weight_decay >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay!r} - must be >= 0")
-        if impl not in ("auto", "reference", "triton"):
-            raise ValueError(f"Invalid impl: {impl!r} - must be one of ('auto', 'reference', 'triton')")
-        if impl == "triton":
-            resolve_impl(impl, torch.device("cpu"), None)  # no Adafactor kernel: raises
+        check_impl(impl, None)
         defaults = dict(
             lr=lr,
             eps=tuple(eps),

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import config as C
-from ..functional import adamw_update, galore_adamw_update, resolve_impl
+from ..functional import adamw_update, check_impl, galore_adamw_update, resolve_impl
 from .base import GaLoreOptimizer
 
 _DEFAULT_EPS = {"torch": 1e-8, "galore_torch": 1e-6}
@@ -80,10 +80,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         if eps is None:
             eps = _DEFAULT_EPS[numerics]
         C.validate_adam_hyperparameters(lr, betas, eps, weight_decay)
-        if impl not in ("auto", "reference", "triton"):
-            raise ValueError(f"Invalid impl: {impl!r} - must be one of ('auto', 'reference', 'triton')")
-        if impl == "triton":  # fail at construction, not at the first step
-            resolve_impl(impl, torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"), self._kernel)
+        check_impl(impl, self._kernel)
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
