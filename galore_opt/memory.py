@@ -153,9 +153,9 @@ LLAMA_PAPER_RECIPES: dict[str, tuple[int, int]] = {
 }
 _NAMED_MODEL = re.compile(r"(?:llama[-_]?)?(tiny|60m|130m|350m|1b|7b)", re.IGNORECASE)
 
-#: scales the largest per-token temporary of a decoder layer's backward (see
-#: :func:`_layer_backward_workspace`); 1.0 matches the CPU measurements of the tiny LLaMA to within
-#: 0.2% (fp32 and bf16)
+#: scales the per-token temporaries of a decoder layer's backward (see
+#: :func:`_layer_backward_steps`); 1.0 matches the CPU measurements of the tiny LLaMA to the byte in
+#: fp32 and bf16 (sdpa; eager to within 4%)
 LAYER_BACKWARD_COEF = 1.0
 #: randomized range finder (cold refresh): fp32 temporaries in units of (r + 8) columns
 COLD_REFRESH_COEF = (4.1, 1.1)  # times max(m, n), times min(m, n)
@@ -209,6 +209,7 @@ class ModelSpec:
     attention: str
     params: tuple[ParamSpec, ...]
     exact_activations: bool  # False: not a LLaMA-style decoder, the activation formula is a guess
+    size: str | None = None  # the named LLaMA size ("60m" ... "7b") if the config was given by name
 
     @property
     def num_params(self) -> int:
@@ -389,6 +390,7 @@ def model_spec(
     if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1):
         raise ValueError(f"Invalid vocab_size: {vocab_size!r} - must be an int >= 1")
     cfg, name = _load_config(config, vocab_size)
+    named = _NAMED_MODEL.fullmatch(os.fspath(config).strip()) if isinstance(config, (str, os.PathLike)) else None
     model_type = getattr(cfg, "model_type", "") or ""
     if model_type in _LLAMA_LIKE:
         params = _llama_params(cfg, target_modules)
@@ -414,6 +416,7 @@ def model_spec(
         attention=attention,
         params=tuple(params),
         exact_activations=model_type in _LLAMA_LIKE,
+        size=named.group(1).lower() if named else None,
     )
 
 
@@ -427,7 +430,7 @@ def _side(m: int, n: int, rank: int) -> str:
     return "right" if m >= n else "left"
 
 
-def _low_rank(m: int, n: int, rank: int) -> tuple[int, int, int]:
+def _low_rank(m: int, n: int, rank: int) -> tuple[int, int, str]:
     """(low-rank numel, basis numel, side) of an ``(m, n)`` GaLore matrix."""
     side = _side(m, n, rank)
     if side == "none":
@@ -473,6 +476,14 @@ def _nonzero_offsets(n_galore: int, gap: int) -> int:
     """GaLore parameters whose staggered refresh offset ``k * gap // n`` is not 0 (those keep a
     4-byte ``refresh_offset`` tensor)."""
     return max(0, n_galore - -(-n_galore // gap)) if n_galore else 0
+
+
+def _state_by_param(spec: ModelSpec, optimizer: str, rank: int, d: int, gap: int) -> dict[str, int]:
+    """Each parameter's state bytes, refresh offset included (they sum to
+    :func:`optimizer_state_bytes_of`)."""
+    galore = [p for p in spec.params if p.galore] if optimizer in GALORE_OPTIMIZERS else []
+    offsets = {p.name: 4 for k, p in enumerate(galore) if k * gap // len(galore)}
+    return {p.name: _param_state_bytes(p, optimizer, rank, d) + offsets.get(p.name, 0) for p in spec.params}
 
 
 def optimizer_state_bytes_of(
@@ -529,7 +540,8 @@ def activation_bytes(spec: ModelSpec, *, batch: int, seq: int, dtype: str = "bf1
     layers = spec.num_layers * (d * spec.hidden_size * tokens if checkpointing else layer)
     head = ((4 + d) * spec.hidden_size + 4 + d * spec.hidden_size) * tokens
     logits = 4 * spec.vocab_size * tokens
-    other = 16 * tokens + 2 * seq * spec.head_dim * d + 4  # ids, labels, cos/sin, the loss's total weight
+    # ids, labels (with batch 1 a view of the padded labels: one more), cos/sin, the loss's total weight
+    other = 16 * tokens + (8 if batch == 1 else 0) + 2 * seq * spec.head_dim * d + 4
     return {
         "layers": layers,
         "layer": layer,
@@ -588,15 +600,17 @@ def _layer_backward_steps(spec: ModelSpec, d: int, batch: int, seq: int, checkpo
 # --- optimizer-step temporaries -------------------------------------------------------------------
 
 
-def _refresh_workspace(m: int, n: int, rank: int, d: int) -> int:
+def _refresh_workspace(m: int, n: int, rank: int, d: int, kind: bool | str = True) -> int:
     """A basis refresh: the finiteness check (``torch.isfinite`` is composite: ``|G|`` and three
-    bool tensors), then in fp32 the gradient's copy (when it is not fp32) and the range finder's
-    (cold start) or the power iteration's (warm) skinny temporaries, whichever is larger."""
+    bool tensors), then in fp32 the gradient's copy (when it is not fp32) and the randomized range
+    finder's (``kind="cold"``: the first refresh) or the warm-started power iteration's
+    (``"warm"``) skinny temporaries; ``True``: the larger."""
     big, small = max(m, n), min(m, n)
     k = min(rank + _OVERSAMPLE, small)
     cold = (COLD_REFRESH_COEF[0] * big + COLD_REFRESH_COEF[1] * small) * k * 4
     warm = (WARM_REFRESH_COEF[0] * big + WARM_REFRESH_COEF[1] * small) * min(rank, small) * 4
-    return int(max((d + 3) * m * n, (4 * m * n if d != 4 else 0) + max(cold, warm)))
+    basis = {"cold": cold, "warm": warm}.get(kind, max(cold, warm)) if isinstance(kind, str) else max(cold, warm)
+    return int(max((d + 3) * m * n, (4 * m * n if d != 4 else 0) + basis))
 
 
 def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
@@ -615,9 +629,12 @@ def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
 
 
 def step_workspace_bytes(
-    p: ParamSpec, optimizer: str, rank: int, dtype: str = "bf16", device: str = "cuda", refresh: bool = True
+    p: ParamSpec, optimizer: str, rank: int, dtype: str = "bf16", device: str = "cuda", refresh: bool | str = True
 ) -> int:
     """Peak temporaries of one parameter's update (the gradient itself not counted).
+
+    ``refresh``: ``"cold"`` (the first update: randomized range finder), ``"warm"`` (a later one:
+    one power iteration), ``True`` (the larger) or ``False`` (an update without refresh).
 
     torch AdamW: ``sqrt(v)`` and the denominator (for-loop implementation, the CPU default); on
     CUDA torch defaults to the foreach implementation, whose ``sqrt`` of every moment exists at
@@ -643,7 +660,7 @@ def step_workspace_bytes(
         return d * n_el if len(p.shape) >= 2 else 2 * d * n_el
     m, n = p.matrix
     low, basis, side = _low_rank(m, n, rank)
-    refresh_ws = _refresh_workspace(m, n, rank, d) if refresh and side != "none" else 0
+    refresh_ws = _refresh_workspace(m, n, rank, d, refresh) if refresh and side != "none" else 0
     if optimizer == "galore-adamw":
         update = 2 * d * n_el if side == "none" else 3 * d * low
     elif optimizer == "galore-adamw8bit":
@@ -774,8 +791,7 @@ def _check_int(name: str, value: Any, minimum: int = 1) -> None:
 
 
 def _default_recipe(spec: ModelSpec) -> tuple[int, int]:
-    match = _NAMED_MODEL.fullmatch(spec.name)
-    return LLAMA_PAPER_RECIPES[match.group(1).lower()] if match else (128, 200)
+    return LLAMA_PAPER_RECIPES.get(spec.size or "", (128, 200))
 
 
 def estimate_memory(
@@ -800,7 +816,8 @@ def estimate_memory(
 
     Args:
         config: a ``transformers.PretrainedConfig``, a path to a ``config.json``, a dict with
-            ``model_type``, or ``"llama-60m"`` ... ``"llama-7b"`` / ``"llama-tiny"``.
+            ``model_type``, ``"llama-60m"`` ... ``"llama-7b"`` / ``"llama-tiny"`` (32000-token
+            vocabulary), or a :class:`ModelSpec` from :func:`model_spec`.
         optimizer: ``"adamw"`` (``torch.optim.AdamW``), ``"adamw8bit"`` (bitsandbytes-style 8-bit
             AdamW for every parameter), ``"galore-adamw"``, ``"galore-adamw8bit"`` or
             ``"galore-adafactor"`` (galore-opt's optimizers, GaLore on ``target_modules``).
@@ -853,140 +870,126 @@ def estimate_memory(
     notes: list[str] = []
     if not spec.exact_activations:
         notes.append(f"model_type {spec.model_type!r}: activations use the LLaMA decoder formula")
-    if seq > 1 and spec.attention == "eager" and seq > 4096:
+    if spec.attention == "eager" and seq > 4096:
         notes.append("eager attention materializes batch x heads x seq^2 scores per layer")
 
     params = spec.params
     weights = d * spec.num_params
-    state = optimizer_state_bytes_of(spec, optimizer, rank or 0, dtype, gap)
+    state_of = _state_by_param(spec, optimizer, rank or 0, d, gap)
+    state = sum(state_of.values())
     grad_of = {p.name: d * p.numel for p in params}
     grads_all = sum(grad_of.values())
     embed = next((p for p in params if p.role == "embed"), None)
-    head = next((p for p in params if p.role == "head"), embed if spec.tied_embeddings else None)
+    head = next((p for p in params if p.role == "head"), None)  # None when tied
     g_embed = grad_of[embed.name] if embed else 0
-    g_head = grad_of[head.name] if head else 0
-    layer_grads: dict[int, int] = {}
+    g_head = grad_of[head.name] if head else (g_embed if spec.tied_embeddings else 0)
+    layers = spec.num_layers
+    top, bottom = layers - 1, 0
+    by_layer: dict[int, list[ParamSpec]] = {}
     for p in params:
         if p.layer is not None:
-            layer_grads[p.layer] = layer_grads.get(p.layer, 0) + grad_of[p.name]
+            by_layer.setdefault(p.layer, []).append(p)
+    layer_grads = {i: sum(grad_of[p.name] for p in ps) for i, ps in by_layer.items()}
+    final = [p for p in params if p.layer is None and p.role not in ("embed", "head")]  # final norm and others
 
     act = activation_bytes(spec, batch=batch, seq=seq, dtype=dtype, checkpointing=activation_checkpointing)
     acts = act["total"]
-    layers = spec.num_layers
     a_layer = act["layers"] // max(layers, 1)  # saved per layer (its kept input under checkpointing)
     final_norm_saved = ((4 + d) * hidden + 4) * tokens
     final_norm_ws = (d * hidden + _norm_backward_per_token(spec, d)) * tokens
     loss_fwd_ws = d * vocab * tokens + (4 * vocab * tokens if d != 4 else 0)
     loss_bwd_ws = 8 * vocab * tokens
     head_bwd_ws = d * vocab * tokens + d * hidden * tokens
+    incoming = d * hidden * tokens  # the gradient flowing into a layer or norm
     # the embedding's backward: the index sort / accumulation buffers (fp32 rows on CUDA)
     embed_bwd_ws = 4 * hidden * tokens + 16 * tokens
-    steps = _layer_backward_steps(spec, d, batch, seq, activation_checkpointing)
-    # LLaMA weight names tell which gradients exist in each sub-step; otherwise assume all of the layer's
-    named = spec.exact_activations
-
-    def in_step(p: ParamSpec, layer: int, fragments: tuple[str, ...]) -> bool:
-        return p.layer == layer and (not named or any(f in p.name for f in fragments))
-
-    def ws(p: ParamSpec | None) -> int:
-        return 0 if p is None else step_workspace_bytes(p, optimizer, rank or 0, dtype, device)
-
-    phases: dict[str, dict[str, int]] = {}
-
-    def phase(name: str, gradients: int, activations: int, workspace: int) -> None:
-        phases[name] = {
-            "weights": weights, "optimizer_state": state, "gradients": gradients,
-            "activations": activations, "workspace": workspace,
-        }
-
-    def below(layer: int) -> int:
-        """Saved bytes of the layers below ``layer`` (their kept inputs under checkpointing) and
-        of the model's ids, labels and cos/sin."""
-        held = layer * a_layer + (a_layer if activation_checkpointing else 0)
-        return held + act["other"]
-
-    k = grad_accumulation
-    top, bottom = layers - 1, 0
     # a checkpointed layer's forward saves nothing, but its MLP holds the SiLU output, the up
     # projection and their product at once, next to its input and the normed input
     ckpt_fwd_ws = (3 * d * spec.intermediate_size + 2 * d * hidden) * tokens
-    non_layer = sum(grad_of[p.name] for p in params if p.layer is None and p.role != "embed")
-    if spec.tied_embeddings:
-        non_layer += g_embed  # the shared weight's gradient exists from the head's backward on
+
+    # One decoder layer's backward in sub-steps: (saved bytes still held, temporaries, weights whose
+    # gradients exist, weights updated there by layer-wise hooks). LLaMA names tell them apart;
+    # for other architectures the layer is one step holding everything.
+    steps = _layer_backward_steps(spec, d, batch, seq, activation_checkpointing)
+
+    def layer_steps(layer: int) -> list[tuple[int, int, list[ParamSpec], list[ParamSpec]]]:
+        ps = by_layer.get(layer, [])
+        if not spec.exact_activations:
+            return [(steps[0][1], max(w for _, _, w in steps), ps, ps)]
+        out = []
+        for (_, present, updated), (_, saved, work) in zip(_LAYER_STEPS, steps):
+            out.append((saved, work, [p for p in ps if any(f in p.name for f in present)],
+                        [p for p in ps if any(f in p.name for f in updated)]))
+        return out
+
+    def below(layer: int) -> int:
+        """Saved bytes of the layers below ``layer`` (kept inputs under checkpointing, its own
+        included) and of the model's ids, labels and cos/sin."""
+        return layer * a_layer + (a_layer if activation_checkpointing else 0) + act["other"]
+
+    def ws(p: ParamSpec | None, refresh: bool | str = "warm") -> int:
+        return 0 if p is None else step_workspace_bytes(p, optimizer, rank or 0, dtype, device, refresh)
+
+    phases: dict[str, dict[str, int]] = {}
+
+    def phase(name: str, gradients: int, activations: int, workspace: int, optimizer_state: int = state) -> None:
+        phases[name] = {
+            "weights": weights, "optimizer_state": optimizer_state, "gradients": gradients,
+            "activations": activations, "workspace": workspace,
+        }
+
+    k = grad_accumulation
     if not layerwise:
         persist = grads_all if k > 1 else 0  # earlier micro-batches' gradients
-        step_ws = max((ws(p) for p in params), default=0)
-        if optimizer == "adamw" and device == "cuda":
-            step_ws = sum(ws(p) for p in params)  # foreach: sqrt of every moment at once
-        head_new = g_head if head is not None else 0
+        # the first micro-batch of the first update has no state yet: the steady phases dominate
         if activation_checkpointing:
             phase("forward: top layer (checkpointed)", persist, below(top), ckpt_fwd_ws)
         phase("forward: loss", persist, acts, loss_fwd_ws)
         phase("backward: loss", persist, acts, loss_bwd_ws)
-        phase("backward: lm_head", persist + head_new if k > 1 else head_new, acts - act["logits"], head_bwd_ws)
+        phase("backward: lm_head", persist + g_head, acts - act["logits"], head_bwd_ws)
+        non_layer = sum(grad_of[p.name] for p in final) + g_head
         phase("backward: final norm", persist or non_layer, act["layers"] + act["other"] + final_norm_saved,
               final_norm_ws)
         for label, layer in (("top", top), ("bottom", bottom)):
             done_above = sum(layer_grads.get(j, 0) for j in range(layer + 1, layers))
             best = None
-            for (_name, present, updated), (_, saved, work) in zip(_LAYER_STEPS, steps):
+            for saved, work, present, updated in layer_steps(layer):
                 if k > 1:  # every gradient exists; the new one is added in place
-                    grads = grads_all + max((grad_of[p.name] for p in params if in_step(p, layer, updated)), default=0)
+                    grads = grads_all + max((grad_of[p.name] for p in updated), default=0)
                 else:
-                    grads = non_layer + done_above + sum(grad_of[p.name] for p in params if in_step(p, layer, present))
+                    grads = non_layer + done_above + sum(grad_of[p.name] for p in present)
                 total = grads + below(layer) + saved + work
                 if best is None or total > best[0]:
                     best = (total, grads, below(layer) + saved, work)
             phase(f"backward: {label} layer", best[1], best[2], best[3])
-        phase("backward: embedding", grads_all, act["other"], embed_bwd_ws)
-        phase("optimizer step", grads_all, 0, step_ws)
-    else:
-        if spec.tied_embeddings:
-            notes.append("tied embeddings: the layer-wise hook fires after each accumulation into the shared weight")
-        if k == 1:
-            persist = 0
+        # a tied weight's two contributions are summed when the embedding's one arrives
+        phase("backward: embedding", grads_all + (g_embed if spec.tied_embeddings else 0), act["other"], embed_bwd_ws)
+        if optimizer == "adamw" and device == "cuda":  # foreach: sqrt of every moment at once
+            phase("optimizer step", grads_all, 0, sum(ws(p) for p in params))
         else:
-            persist = _layerwise_persistent_grads(params, optimizer, rank or 0, d, gap)
+            phase("optimizer step", grads_all, 0, max((ws(p) for p in params), default=0))
+            # the first step creates the state parameter by parameter (GaLore matrices first, as
+            # galore_param_groups orders them) and computes every basis from scratch
+            order = sorted(params, key=lambda p: not p.galore) if galore else list(params)
+            created = 0
+            worst = (0, 0, 0)
+            for p in order:
+                created += state_of[p.name]
+                worst = max(worst, (created + ws(p, "cold"), created, ws(p, "cold")))
+            phase("first optimizer step", grads_all, 0, worst[2], optimizer_state=worst[1])
+    else:
+        _layerwise_phases(
+            phase, spec, optimizer, rank or 0, d, gap, k, galore, layer_steps, below, ws, state_of, grad_of,
+            acts=acts, act=act, head=head, embed=embed, final=final, g_embed=g_embed,
+            grads_all=grads_all, loss_fwd_ws=loss_fwd_ws, loss_bwd_ws=loss_bwd_ws, head_bwd_ws=head_bwd_ws,
+            incoming=incoming, final_norm_saved=final_norm_saved, final_norm_ws=final_norm_ws,
+            embed_bwd_ws=embed_bwd_ws, ckpt_fwd_ws=ckpt_fwd_ws if activation_checkpointing else None,
+        )
+        if k > 1:
             notes.append(
                 "layer-wise accumulation: the first update has no basis yet, so every full gradient is kept "
-                "across its micro-batches (phase 'first update')"
+                "across its micro-batches (phases 'first update: ...')"
             )
-        project_ws = 0
-        if k > 1 and optimizer in ("galore-adamw", "galore-adamw8bit"):
-            project_ws = max(
-                ((4 * p.numel if d != 4 else 0) + 4 * _low_rank(*p.matrix, rank)[0] for p in params if p.galore),
-                default=0,
-            )
-        if activation_checkpointing:
-            phase("forward: top layer (checkpointed)", persist, below(top), ckpt_fwd_ws)
-        phase("forward: loss", persist, acts, loss_fwd_ws)
-        phase("backward: loss", persist, acts, loss_bwd_ws)
-        # the head's gradient and update (the logits' gradient is freed before the hook runs)
-        if k == 1:  # the new gradient, then its update (the logits' gradient is freed before the hook)
-            phase("backward: lm_head", g_head, acts - act["logits"], max(head_bwd_ws, d * hidden * tokens + ws(head)))
-        else:  # the new gradient is added into the kept one (in persist) before the update
-            phase("backward: lm_head", persist, acts - act["logits"],
-                  max(head_bwd_ws + g_head, d * hidden * tokens + max(ws(head), project_ws)))
-        phase("backward: final norm", persist, act["layers"] + act["other"] + final_norm_saved, final_norm_ws)
-        for label, layer in (("top", top), ("bottom", bottom)):
-            best = None
-            for (_name, _, updated), (_, saved, work) in zip(_LAYER_STEPS, steps):
-                # one gradient at a time: the engine runs AccumulateGrad (and its hook) first
-                upd = [(grad_of[p.name], max(ws(p), project_ws)) for p in params if in_step(p, layer, updated)]
-                g_p, ws_p = max(upd, key=sum, default=(0, 0))
-                grads, work_now = persist, work
-                if g_p + ws_p + d * hidden * tokens > work:
-                    grads, work_now = persist + g_p, d * hidden * tokens + ws_p
-                total = grads + below(layer) + saved + work_now
-                if best is None or total > best[0]:
-                    best = (total, grads, below(layer) + saved, work_now)
-            phase(f"backward: {label} layer", best[1], best[2], best[3])
-        phase("backward: embedding", persist + g_embed, act["other"], embed_bwd_ws + ws(embed))
-        if k > 1:  # the first update: every gradient of the earlier micro-batches, no projection yet
-            largest = max((ws(p) for p in params if p.layer is not None), default=0)
-            phase("first update: backward: loss", grads_all, acts, loss_bwd_ws)
-            phase("first update: backward: top layer", grads_all, below(top) + steps[0][1],
-                  max(steps[0][2], d * hidden * tokens + largest))
 
     totals = {name: sum(parts.values()) for name, parts in phases.items()}
     peak_phase = max(totals, key=totals.get)
@@ -1015,6 +1018,136 @@ def estimate_memory(
         phases=totals,
         notes=notes,
     )
+
+
+def _layerwise_phases(
+    phase: Callable[..., None],
+    spec: ModelSpec,
+    optimizer: str,
+    rank: int,
+    d: int,
+    gap: int,
+    k: int,
+    galore: bool,
+    layer_steps: Callable[[int], list[tuple[int, int, list[ParamSpec], list[ParamSpec]]]],
+    below: Callable[[int], int],
+    ws: Callable[..., int],
+    state_of: dict[str, int],
+    grad_of: dict[str, int],
+    **sizes: Any,
+) -> None:
+    """The phases of a layer-wise (optimizer-in-backward) step, walked in backward order: the
+    output head, the final norm, the top and the bottom decoder layer (each in its sub-steps), the
+    embedding. Each parameter's update happens when its gradient is accumulated; only the gradient
+    being updated exists (plus what accumulation keeps, see :func:`_layerwise_persistent_grads`).
+
+    Two walks: the steady state (every state tensor exists, refreshes are warm) and the first
+    update (the state is created parameter by parameter, every basis is computed cold, and with
+    accumulation every full gradient of the earlier micro-batches is still there)."""
+    params = spec.params
+    head, embed, final = sizes["head"], sizes["embed"], sizes["final"]
+    act, acts, incoming = sizes["act"], sizes["acts"], sizes["incoming"]
+    g_embed, grads_all = sizes["g_embed"], sizes["grads_all"]
+    layers = spec.num_layers
+    tied = g_embed if spec.tied_embeddings else 0  # a tied weight's first gradient waits in the engine
+    project_ws = 0
+    if k > 1 and optimizer in ("galore-adamw", "galore-adamw8bit"):
+        project_ws = max(((4 * p.numel if d != 4 else 0) + 4 * _low_rank(*p.matrix, rank)[0]
+                          for p in params if p.galore), default=0)
+    order = ([head] if head is not None else []) + list(final)
+    for layer in range(layers - 1, -1, -1):
+        for _, _, _, updated in layer_steps(layer):
+            order += updated
+    state_total = sum(state_of.values())
+
+    def capable(p: ParamSpec) -> bool:
+        return optimizer in ("galore-adamw", "galore-adamw8bit") and p.galore and _low_rank(*p.matrix, rank)[2] != "none"
+
+    def walk(first: bool) -> None:
+        prefix = "first update: " if first else ""
+        refresh = "cold" if first else "warm"
+        # gradients kept from earlier micro-batches, and the state, before this backward
+        if k == 1:
+            kept = 0
+        elif first:
+            kept = grads_all
+        else:
+            kept = _layerwise_persistent_grads(params, optimizer, rank, d, gap)
+        extra_ws = 0 if first else project_ws
+        made = 0 if first else state_total
+        done: set[str] = set()
+
+        def update(p: ParamSpec) -> tuple[int, int]:
+            """(gradient, workspace) of ``p``'s update; marks its state as created."""
+            nonlocal made
+            if first and p.name not in done:
+                made += state_of[p.name]
+                done.add(p.name)
+            return grad_of[p.name], max(ws(p, refresh), extra_ws)
+
+        def freed(p: ParamSpec) -> int:
+            """What the update of ``p`` frees of the kept gradients (a full one or a projected buffer)."""
+            if not kept:
+                return 0
+            return 4 * _low_rank(*p.matrix, rank)[0] if capable(p) and not first else grad_of[p.name]
+
+        if sizes["ckpt_fwd_ws"] is not None:
+            phase(prefix + "forward: top layer (checkpointed)", kept, below(layers - 1), sizes["ckpt_fwd_ws"],
+                  optimizer_state=made)
+        phase(prefix + "forward: loss", kept, acts, sizes["loss_fwd_ws"], optimizer_state=made)
+        phase(prefix + "backward: loss", kept, acts, sizes["loss_bwd_ws"], optimizer_state=made)
+        if head is None:  # tied: no update yet
+            phase(prefix + "backward: lm_head", kept + tied, acts - act["logits"], sizes["head_bwd_ws"],
+                  optimizer_state=made)
+        else:
+            g, w = update(head)
+            # the new gradient (added into a kept one), then the update once the logits' gradient is freed
+            if kept:
+                phase(prefix + "backward: lm_head", kept, acts - act["logits"],
+                      max(g + sizes["head_bwd_ws"], incoming + w), optimizer_state=made)
+            else:
+                phase(prefix + "backward: lm_head", g, acts - act["logits"],
+                      max(sizes["head_bwd_ws"], incoming + w), optimizer_state=made)
+            kept -= freed(head)
+        kept += tied
+        for p in final:
+            update(p)
+            kept -= freed(p)
+        phase(prefix + "backward: final norm", kept, act["layers"] + act["other"] + sizes["final_norm_saved"],
+              sizes["final_norm_ws"], optimizer_state=made)
+        for layer in range(layers - 1, -1, -1):
+            best = None
+            for saved, work, _, updated in layer_steps(layer):
+                # one new gradient at a time: the engine runs AccumulateGrad (and its hook) first
+                g_p = w_p = 0
+                for p in updated:
+                    g, w = update(p)
+                    if g + w > g_p + w_p:
+                        g_p, w_p = g, w
+                grads, work_now = kept, work
+                if g_p + w_p + incoming > work:
+                    grads, work_now = kept + g_p, incoming + w_p
+                total = grads + below(layer) + saved + work_now + made
+                if best is None or total > best[0]:
+                    best = (total, grads, below(layer) + saved, work_now, made)
+                for p in updated:
+                    kept -= freed(p)
+            if layer in (layers - 1, 0):
+                label = "top" if layer == layers - 1 else "bottom"
+                phase(f"{prefix}backward: {label} layer", best[1], best[2], best[3], optimizer_state=best[4])
+        if embed is not None:
+            g, w = update(embed)
+            # the new gradient (summed into a kept or tied one), then the update
+            if kept:
+                phase(prefix + "backward: embedding", kept, act["other"], max(g + sizes["embed_bwd_ws"], w),
+                      optimizer_state=made)
+            else:
+                phase(prefix + "backward: embedding", g, act["other"], max(sizes["embed_bwd_ws"], w),
+                      optimizer_state=made)
+
+    walk(first=False)
+    if galore or k > 1:  # else the state only grows, there is no refresh: the steady walk dominates
+        walk(first=True)
 
 
 def _layerwise_persistent_grads(params: Sequence[ParamSpec], optimizer: str, rank: int, d: int, gap: int) -> int:
@@ -1089,12 +1222,13 @@ class ValidationCase:
     accumulation: int = 1
     attention: str = "sdpa"
     rank: int = 64
+    tied: bool = False
 
     @property
     def label(self) -> str:
         return (
-            f"llama-{self.size} V{self.vocab} {self.dtype} {self.batch}x{self.seq} {self.optimizer}"
-            f"{' layerwise' if self.layerwise else ''}{' ckpt' if self.checkpointing else ''}"
+            f"llama-{self.size}{' tied' if self.tied else ''} V{self.vocab} {self.dtype} {self.batch}x{self.seq} "
+            f"{self.optimizer}{' layerwise' if self.layerwise else ''}{' ckpt' if self.checkpointing else ''}"
             f"{f' acc{self.accumulation}' if self.accumulation > 1 else ''}"
             f"{' eager' if self.attention == 'eager' else ''} r{self.rank}"
         )
@@ -1104,7 +1238,7 @@ def _default_cases(quick: bool) -> list[ValidationCase]:
     """The tiny LLaMA in regimes where each phase is the peak: the loss (32000-token vocabulary),
     the decoder layers (512 tokens), checkpointing, eager attention; then (unless ``quick``)
     llama-60m with every optimizer, the optimizer step (1 x 64 tokens), layer-wise training with
-    accumulation, and llama-130m."""
+    accumulation, tied embeddings, and llama-130m."""
     cases = []
     for dtype in ("fp32", "bf16"):
         for opt in ("adamw", "galore-adamw", "galore-adamw8bit"):
@@ -1127,6 +1261,8 @@ def _default_cases(quick: bool) -> list[ValidationCase]:
                                     accumulation=2))
         cases.append(ValidationCase("60m", "galore-adamw", dtype, batch=2, seq=256, rank=128, accumulation=2))
         cases.append(ValidationCase("60m", "galore-adamw8bit", dtype, batch=2, seq=256, rank=128, checkpointing=True))
+    for layerwise in (False, True):
+        cases.append(ValidationCase("tiny", "galore-adamw8bit", "fp32", batch=1, seq=64, tied=True, layerwise=layerwise))
     cases.append(ValidationCase("130m", "galore-adamw8bit", "bf16", batch=1, seq=512, rank=256, layerwise=True))
     cases.append(ValidationCase("130m", "galore-adamw", "bf16", batch=1, seq=512, rank=256))
     cases.append(ValidationCase("130m", "adamw", "fp32", batch=1, seq=256, rank=256))
@@ -1165,7 +1301,7 @@ def _run_case(case: ValidationCase, updates: int = 4, seed: int = 0) -> dict[str
     gap = 2  # refreshes inside the measured updates: cold on update 0, then half the matrices per update
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[case.dtype]
     cfg = toy.llama_config(case.size, case.vocab, max_position_embeddings=max(case.seq, 512),
-                           attn_implementation=case.attention)
+                           attn_implementation=case.attention, tie_word_embeddings=case.tied)
     model = toy.build_llama(cfg, seed).to(torch_dtype)
     model.train()
     gen = torch.Generator().manual_seed(seed)
@@ -1310,7 +1446,8 @@ def _parser() -> argparse.ArgumentParser:
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--model", default=None, help="llama-60m, llama-130m, llama-350m, llama-1b, llama-7b, llama-tiny")
     src.add_argument("--config", default=None, help="path to a transformers config.json (or its folder)")
-    ap.add_argument("--optimizer", default="galore-adamw8bit", help=f"one of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--optimizer", default=None,
+                    help=f"one of {', '.join(OPTIMIZERS)} (default galore-adamw8bit; with --all: every one)")
     ap.add_argument("--layerwise", action="store_true", help="optimizer-in-backward (LayerwiseOptimizer)")
     ap.add_argument("--batch", type=int, default=1, help="sequences per micro-batch (default 1)")
     ap.add_argument("--seq", type=int, default=1024, help="tokens per sequence (default 1024)")
@@ -1337,8 +1474,18 @@ def _targets(text: str) -> str | list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The command line (``python -m galore_opt.memory --help``)."""
-    args = _parser().parse_args(argv)
+    """The command line (``python -m galore_opt.memory --help``); invalid values exit with the
+    estimator's ``ValueError`` message."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return _main(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+        return 2  # pragma: no cover - parser.error exits
+
+
+def _main(args: argparse.Namespace) -> int:
     if args.validate:
         payload = validate(quick=args.quick, out=args.out)
         return 0 if payload["within_10pct"] == len(payload["cases"]) else 1
@@ -1350,7 +1497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device, target_modules=_targets(args.target_modules),
     )
     if args.all:
-        optimizers = OPTIMIZERS if args.optimizer == _parser().get_default("optimizer") else (args.optimizer,)
+        optimizers = OPTIMIZERS if args.optimizer is None else (args.optimizer,)
         estimates = [estimate_memory(f"llama-{s}", o, **common) for s in ALL_SIZES for o in optimizers]
         print(f"batch {args.batch} x seq {args.seq}, {args.dtype}{', layer-wise' if args.layerwise else ''}"
               f"{', checkpointing' if args.checkpointing else ''}"
@@ -1365,7 +1512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(line)
     else:
         config = args.config or args.model or "llama-7b"
-        estimates = [estimate_memory(config, args.optimizer, **common)]
+        estimates = [estimate_memory(config, args.optimizer or "galore-adamw8bit", **common)]
         print(estimates[0].table(budget))
     if args.json:
         data = [e.to_dict() for e in estimates]
