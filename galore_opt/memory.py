@@ -1087,7 +1087,7 @@ def _layerwise_phases(
 
         def freed(p: ParamSpec) -> int:
             """What the update of ``p`` frees of the kept gradients (a full one or a projected buffer)."""
-            if not kept:
+            if k == 1:
                 return 0
             return 4 * _low_rank(*p.matrix, rank)[0] if capable(p) and not first else grad_of[p.name]
 
