@@ -25,8 +25,9 @@ exists at some moment falls in one of five components:
   the GaLore matrices whose basis is refreshed on the coming update, every parameter of a
   non-GaLore optimizer or of ``GaLoreAdafactor``) and a projected one keeps an fp32 ``r x n``
   buffer. Before the first update no basis exists, so the first accumulation keeps *every* full
-  gradient: the estimate includes that update (it is the peak of layer-wise training with
-  accumulation).
+  gradient: the estimate includes that update (phases ``first update: ...``, where the state is
+  still being created). Tied embeddings: the head's contribution to the shared gradient waits in
+  the autograd engine until the embedding's arrives, and the two are summed out of place.
 * **activations**: what autograd saves in the forward pass (:func:`activation_bytes`).
 * **workspace**: temporaries: the loss's fp32 logits and their gradients, one decoder layer's
   backward, and one optimizer update (see :func:`step_workspace_bytes`).
@@ -962,8 +963,10 @@ def estimate_memory(
                 if best is None or total > best[0]:
                     best = (total, grads, below(layer) + saved, work)
             phase(f"backward: {label} layer", best[1], best[2], best[3])
-        # a tied weight's two contributions are summed when the embedding's one arrives
-        phase("backward: embedding", grads_all + (g_embed if spec.tied_embeddings else 0), act["other"], embed_bwd_ws)
+        # the embedding's new gradient: added in place into a kept one (accumulation); a tied weight's
+        # two contributions are summed out of place (the head's is a transposed view) first
+        phase("backward: embedding", grads_all, act["other"],
+              embed_bwd_ws + g_embed * ((2 if spec.tied_embeddings else 0) + (1 if k > 1 else 0)))
         if optimizer == "adamw" and device == "cuda":  # foreach: sqrt of every moment at once
             phase("optimizer step", grads_all, 0, sum(ws(p) for p in params))
         else:
@@ -1137,10 +1140,10 @@ def _layerwise_phases(
                 phase(f"{prefix}backward: {label} layer", best[1], best[2], best[3], optimizer_state=best[4])
         if embed is not None:
             g, w = update(embed)
-            # the new gradient (summed into a kept or tied one), then the update
+            # the new gradient (added into a kept one; summed out of place with a tied one), then the update
             if kept:
-                phase(prefix + "backward: embedding", kept, act["other"], max(g + sizes["embed_bwd_ws"], w),
-                      optimizer_state=made)
+                phase(prefix + "backward: embedding", kept, act["other"],
+                      max((2 if tied else 1) * g + sizes["embed_bwd_ws"], w), optimizer_state=made)
             else:
                 phase(prefix + "backward: embedding", g, act["other"], max(sizes["embed_bwd_ws"], w),
                       optimizer_state=made)
@@ -1263,6 +1266,8 @@ def _default_cases(quick: bool) -> list[ValidationCase]:
         cases.append(ValidationCase("60m", "galore-adamw8bit", dtype, batch=2, seq=256, rank=128, checkpointing=True))
     for layerwise in (False, True):
         cases.append(ValidationCase("tiny", "galore-adamw8bit", "fp32", batch=1, seq=64, tied=True, layerwise=layerwise))
+        cases.append(ValidationCase("tiny", "galore-adamw", "bf16", batch=1, seq=64, tied=True, layerwise=layerwise,
+                                    accumulation=2))
     cases.append(ValidationCase("130m", "galore-adamw8bit", "bf16", batch=1, seq=512, rank=256, layerwise=True))
     cases.append(ValidationCase("130m", "galore-adamw", "bf16", batch=1, seq=512, rank=256))
     cases.append(ValidationCase("130m", "adamw", "fp32", batch=1, seq=256, rank=256))
