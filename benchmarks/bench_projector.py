@@ -8,7 +8,8 @@ gradient source:
 * ``real``: a randomly initialised LLaMA whose hidden / intermediate sizes are the shape (1 decoder
   layer by default, vocab 4096 BPE trained on the Python standard library's sources) is trained with
   ``torch.optim.AdamW`` (lr 1e-3, batch 4 x 128 tokens); the MLP weight gradients at step ``t`` and
-  ``t + gap`` are captured (cached under ``~/.cache/galore_opt/``). The refresh is benchmarked on
+  ``t + gap`` are captured, averaged over 8 micro-batches on those two steps (one 512-token batch
+  gives a gradient of rank <= 512), and cached under ``~/.cache/galore_opt/``. The refresh is benchmarked on
   ``G_{t+gap}``; ``"power"`` is warm-started from the basis of ``G_t`` (exact SVD basis, and the
   randomized basis that a cold start of the optimizer computes).
 

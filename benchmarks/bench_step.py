@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=1, help="decoder layers (7 matrices each)")
     ap.add_argument("--rank", type=int, default=None, help="GaLore rank (default: the paper's for the size)")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
-    ap.add_argument("--steps", type=int, default=10, help="timed steady steps (median)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steady steps (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
     ap.add_argument("--refresh-gap", type=int, default=2, help="update_proj_gap of the refresh-step run")
     ap.add_argument("--refresh-repeats", type=int, default=2, help="refresh steps timed (median)")
