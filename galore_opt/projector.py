@@ -197,7 +197,9 @@ def compute_basis(
             return randomized(mat)
 
     left = right = None
-    if method == "power" and (prev_left is not None or prev_right is not None):
+    warm = {LEFT: prev_left is not None, RIGHT: prev_right is not None,
+            FULL: prev_left is not None and prev_right is not None}[side]
+    if method == "power" and warm:
         if side in (LEFT, FULL):
             left = _left_power(a, prev_left, power_iters)
         if side in (RIGHT, FULL):

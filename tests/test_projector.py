@@ -126,3 +126,11 @@ def test_zero_gradient_gives_an_orthonormal_basis():
         left, _ = compute_basis(torch.zeros(10, 14), 3, C.LEFT, method)
         assert torch.isfinite(left).all()
     assert captured_energy(torch.zeros(4, 4), torch.eye(4)[:, :2]) == 1.0
+
+
+def test_power_without_the_previous_basis_of_its_side_starts_cold():
+    g = _low_rank_plus_noise(24, 40)
+    left_only, _ = compute_basis(g, 4, C.FULL, "svd")
+    left, right = compute_basis(g, 4, C.FULL, "power", prev_left=left_only)  # no prev_right: cold start
+    assert left.shape == (24, 4) and right.shape == (4, 40)
+    assert captured_energy(g, left, right) >= 0.99 * captured_energy(g, *compute_basis(g, 4, C.FULL, "svd"))
