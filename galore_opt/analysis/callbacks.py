@@ -1,0 +1,241 @@
+"""Scheduling analysis functions during training: a plain-loop runner and a Trainer adapter.
+
+An *analysis callback* is any object with
+
+- ``every: int`` -- run on steps where ``step % every == 0`` (step counts optimizer steps from 1),
+- ``name: str`` -- the prefix of the keys it reports,
+- ``__call__(step, model, optimizer=None, batch=None) -> dict[str, float | list | dict]``.
+
+:class:`AnalysisCallback` is a convenience base. :class:`LoopCallbacks` runs a list of them in a
+plain loop (``callbacks.step(step, model, optimizer, batch)`` after ``optimizer.step()``) and keeps
+the history; :func:`trainer_callback` wraps the same objects as one ``transformers.TrainerCallback``
+whose results go through the Trainer's own logging. Nothing here runs (or imports transformers)
+unless a callback is attached, so training without callbacks costs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+__all__ = [
+    "AnalysisCallback",
+    "AnalysisCallbackProtocol",
+    "LoopCallbacks",
+    "flatten_metrics",
+    "attach_to_trainer",
+    "trainer_callback",
+]
+
+
+@runtime_checkable
+class AnalysisCallbackProtocol(Protocol):
+    every: int
+    name: str
+
+    def __call__(
+        self, step: int, model: torch.nn.Module, optimizer: Any = None, batch: Any = None
+    ) -> Mapping[str, Any]: ...
+
+
+class AnalysisCallback:
+    """Base class: set ``name`` and implement :meth:`compute`.
+
+    Args:
+        every (int): run every ``every`` optimizer steps (>= 1). Default 100.
+        at_start (bool): also run once at step 0 (before the first update), so the history has the
+            value at initialization. Default True.
+    """
+
+    name = "analysis"
+
+    def __init__(self, every: int = 100, at_start: bool = True):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be a positive int, got {every!r}")
+        self.every = every
+        self.at_start = at_start
+
+    def due(self, step: int) -> bool:
+        return (step == 0 and self.at_start) or (step > 0 and step % self.every == 0)
+
+    def compute(self, model, optimizer=None, batch=None) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def __call__(self, step, model, optimizer=None, batch=None) -> dict[str, Any]:
+        was_training = model.training
+        try:
+            with torch.enable_grad():
+                return self.compute(model, optimizer=optimizer, batch=batch)
+        finally:
+            model.train(was_training)
+
+
+def _due(cb, step: int) -> bool:
+    if hasattr(cb, "due"):
+        return cb.due(step)
+    return step > 0 and step % cb.every == 0
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu()
+        return value.item() if value.numel() == 1 else value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+def flatten_metrics(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Scalar entries of ``metrics`` (nested dicts joined with '/'), for loggers that take numbers."""
+    out: dict[str, float] = {}
+    for key, value in metrics.items():
+        full = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(flatten_metrics(full, value))
+        elif isinstance(value, torch.Tensor) and value.numel() == 1:
+            out[full] = float(value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[full] = float(value)
+    return out
+
+
+class LoopCallbacks:
+    """Run analysis callbacks from a plain training loop.
+
+    Example::
+
+        callbacks = LoopCallbacks([NTKCallback(probe_x, every=50)], log=print)
+        callbacks.step(0, model)                       # values at initialization
+        for step in range(1, steps + 1):
+            ...; optimizer.step()
+            callbacks.step(step, model, optimizer, batch)
+        callbacks.save_json("analysis.json")
+
+    Args:
+        callbacks: the analysis callbacks (see the module docstring for the protocol).
+        log (callable, optional): called as ``log(step, flat_metrics)`` after each run, with the
+            scalar metrics flattened to ``"name/key"``.
+    """
+
+    def __init__(
+        self,
+        callbacks: Iterable[AnalysisCallbackProtocol],
+        log: Callable[[int, dict[str, float]], None] | None = None,
+    ):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            if not callable(cb) or not hasattr(cb, "every") or not hasattr(cb, "name"):
+                raise TypeError(
+                    f"{cb!r} is not an analysis callback: it needs `every`, `name` and __call__"
+                )
+        self.log = log
+        self.history: list[dict[str, Any]] = []
+
+    def step(self, step: int, model, optimizer=None, batch=None) -> dict[str, Any]:
+        """Run the callbacks due at ``step``; return ``{name: metrics}`` (empty when none ran)."""
+        results: dict[str, Any] = {}
+        for cb in self.callbacks:
+            if _due(cb, step):
+                results[cb.name] = dict(cb(step, model, optimizer=optimizer, batch=batch))
+        if results:
+            self.history.append({"step": step, **results})
+            if self.log is not None:
+                flat: dict[str, float] = {}
+                for name, metrics in results.items():
+                    flat.update(flatten_metrics(name, metrics))
+                self.log(step, flat)
+        return results
+
+    def series(self, name: str, key: str) -> tuple[list[int], list[Any]]:
+        """(steps, values) of one metric over the history."""
+        steps, values = [], []
+        for entry in self.history:
+            if name in entry and key in entry[name]:
+                steps.append(entry["step"])
+                values.append(entry[name][key])
+        return steps, values
+
+    def to_json(self) -> list[dict[str, Any]]:
+        return _jsonable(self.history)
+
+    def save_json(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+
+def trainer_callback(callbacks: Iterable[AnalysisCallbackProtocol], trainer=None, batch_fn=None):
+    """Wrap analysis callbacks as one ``transformers.TrainerCallback``.
+
+    The callbacks run at ``on_step_end`` when due (``state.global_step``) and once at
+    ``on_train_begin`` for those with ``at_start``. With ``trainer`` given (or when attached with
+    :func:`attach_to_trainer`), their scalar results go through ``trainer.log``: every logger the
+    Trainer reports to (console, TensorBoard, W&B) and ``state.log_history`` receive them. Without
+    a trainer they are merged into the next ``logs`` dict the Trainer emits, which reaches the
+    callbacks registered after this one. The full results stay in ``.history``.
+
+    Args:
+        callbacks: analysis callbacks.
+        trainer (transformers.Trainer, optional): the trainer whose ``log`` reports the results.
+        batch_fn (callable, optional): ``batch_fn(model) -> batch`` passed to the callbacks (e.g.
+            a fixed probe batch); ``None`` passes ``batch=None``.
+    """
+    from transformers import TrainerCallback  # lazy: transformers is optional
+
+    runner = LoopCallbacks(callbacks)
+
+    class GaLoreAnalysisTrainerCallback(TrainerCallback):
+        def __init__(self):
+            self.runner = runner
+            self.history = runner.history
+            self.trainer = trainer
+            self._pending: dict[str, float] = {}
+
+        def _run(self, step, model, optimizer):
+            batch = batch_fn(model) if batch_fn is not None else None
+            results = self.runner.step(step, model, optimizer, batch)
+            flat: dict[str, float] = {}
+            for name, metrics in results.items():
+                flat.update(flatten_metrics(name, metrics))
+            if not flat:
+                return
+            if self.trainer is not None:
+                self.trainer.log(flat)
+            else:
+                self._pending.update(flat)
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if model is not None:
+                self._run(0, model, optimizer)
+
+        def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+            if model is not None and any(_due(cb, state.global_step) for cb in runner.callbacks):
+                self._run(state.global_step, model, optimizer)
+                if self._pending:
+                    control.should_log = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and self._pending:
+                logs.update(self._pending)
+                self._pending = {}
+
+    return GaLoreAnalysisTrainerCallback()
+
+
+def attach_to_trainer(trainer, callbacks: Iterable[AnalysisCallbackProtocol], batch_fn=None):
+    """Add the analysis callbacks to ``trainer`` (results logged through ``trainer.log``)."""
+    cb = trainer_callback(callbacks, trainer=trainer, batch_fn=batch_fn)
+    trainer.add_callback(cb)
+    return cb
