@@ -39,7 +39,7 @@ bench: setup
 	$(PY) benchmarks/bench_step.py
 
 lint: setup
-	$(VENV)/bin/ruff check galore_opt kernels tests benchmarks examples
+	$(VENV)/bin/ruff check galore_opt tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

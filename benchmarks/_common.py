@@ -28,9 +28,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 try:  # the installed (editable) package; else the checkout this file lives in
     import galore_opt  # noqa: F401
 except ImportError:  # pragma: no cover
-    # Appended, not prepended: the repository root holds a top-level ``kernels/`` folder that would
-    # shadow the PyPI ``kernels`` package that bitsandbytes (imported by galore_torch) looks for.
-    sys.path.append(str(REPO_ROOT))
+    sys.path.insert(0, str(REPO_ROOT))
 
 
 # --- machine info and result files -------------------------------------------------------------

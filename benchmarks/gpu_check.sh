@@ -16,8 +16,6 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 else
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# galore_opt.kernels is the kernels/ folder: make it importable without installing.
-ln -sfn "$PWD/kernels" galore_opt/kernels 2>/dev/null || true
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/device.txt" 2>&1
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
@@ -35,5 +33,4 @@ python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 1b --laye
 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 7b --layers 2 --rank 1024 \
   --out "$OUT/bench_step-7b.json" || status=1
 
-rm -f galore_opt/kernels
 exit $status
