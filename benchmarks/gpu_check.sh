@@ -33,4 +33,9 @@ python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 1b --laye
 python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 7b --layers 2 --rank 1024 \
   --out "$OUT/bench_step-7b.json" || status=1
 
+# 3. LLaMA-7B, 8-bit GaLore layer-wise, no checkpointing, under a hard 24 GiB cap (issue 5): 4x256 and
+#    1x1024 first, then larger micro-batches until two in a row do not fit.
+timeout 240 python3 examples/pretrain_llama7b_24gb.py --device cuda --size 7b --find-max --steps 3 --cap-gib 24 \
+  --out "$OUT/llama7b_24gb.json" || status=1
+
 exit $status

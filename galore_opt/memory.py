@@ -615,18 +615,20 @@ def _refresh_workspace(m: int, n: int, rank: int, d: int, kind: bool | str = Tru
 
 
 def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
-    """GaLoreAdamW8bit's reference update of a full-size parameter: the fp32 moments (8 bytes
-    per element), the fp32 gradient (4, when the parameter is not fp32), ``sqrt(v)`` and the
-    denominator (8); on the CPU a bf16 parameter's ``addcdiv_`` with fp32 operands adds two fp32
-    temporaries (8; TensorIterator promotes through temporaries on the CPU only, CUDA kernels cast
-    in registers); then the fp32 moments, the fp32 gradient and the requantization scratch."""
-    cast = 4 * numel if d != 4 else 0
-    # sqrt(v) and its quotient at once; then the denominator and addcdiv_'s fp32 temporaries
-    update = cast + max(8 * numel, 4 * numel + (8 * numel if d != 4 and device == "cpu" else 0))
+    """GaLoreAdamW8bit's reference update of a full-size parameter. Small (fp32-moment)
+    parameters: the fp32 gradient (4 bytes per element, when the parameter is not fp32),
+    ``sqrt(v)`` and the denominator (8); on the CPU a bf16 parameter's ``addcdiv_`` with fp32
+    operands adds two fp32 temporaries (8; TensorIterator promotes through temporaries on the CPU
+    only, CUDA kernels cast in registers). 8-bit parameters are updated in slices of
+    ``GaLoreAdamW8bit.FULL_CHUNK`` (= ``quant.DEFAULT_CHUNK_SIZE``) elements: the same per slice
+    element plus the slice's fp32 moments (8) and the requantization scratch."""
+    cast = 4 if d != 4 else 0
+    promote = 8 if d != 4 and device == "cpu" else 0
     if numel < SMALL_TENSOR_THRESHOLD:  # fp32 moments stored as they are
-        return update
-    chunk = min(DEFAULT_CHUNK_SIZE, numel)
-    return 8 * numel + max(update, cast + 17 * chunk)
+        return cast * numel + max(8 * numel, (4 + promote) * numel)
+    c = min(DEFAULT_CHUNK_SIZE, numel)
+    update = cast * c + max(8 * c, (4 + promote) * c)
+    return 8 * c + max(update, cast * c + 17 * c)
 
 
 def step_workspace_bytes(

@@ -161,3 +161,50 @@ def test_bad_arguments():
         GaLoreAdamW8bit([w], block_size=0)
     with pytest.raises(ValueError, match="Invalid min_8bit_size: -1"):
         GaLoreAdamW8bit([w], min_8bit_size=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_full_size_update_in_slices_equals_update_at_once(dtype, monkeypatch):
+    """Embeddings and the head are updated slice by slice (bounded temporaries): bit-identical to
+    one pass over the whole tensor, for a size that is not a multiple of the slice or the block."""
+    torch.manual_seed(0)
+    emb = torch.randn(77, 131, dtype=dtype)  # 10087 elements: 40 blocks, the last one ragged
+    grads = [torch.randn(77, 131, dtype=dtype) for _ in range(4)]
+    results = []
+    for chunk in (1 << 30, 1000, 256):  # at once; 3 blocks (rounded down from 1000); 1 block
+        monkeypatch.setattr(GaLoreAdamW8bit, "FULL_CHUNK", chunk)
+        w = nn.Parameter(emb.clone())
+        opt = GaLoreAdamW8bit([{"params": [w], "weight_decay": 0.1}], lr=1e-2)
+        for g in grads:
+            w.grad = g.clone()
+            opt.step()
+        results.append((w.detach().clone(), {k: v.clone() for k, v in opt.state[w].items()}))
+    for w, state in results[1:]:
+        assert torch.equal(w, results[0][0])
+        for key, value in state.items():
+            assert torch.equal(value, results[0][1][key]), key
+
+
+def test_full_size_8bit_update_matches_dequantized_adamw():
+    """One full-size 8-bit step is torch AdamW on the dequantized moments, then requantized."""
+    from galore_opt.functional.adamw import adamw_update
+    from galore_opt.quant import quantize_blockwise
+
+    torch.manual_seed(1)
+    w = nn.Parameter(torch.randn(64, 100))
+    ref = w.detach().clone()
+    opt = GaLoreAdamW8bit([{"params": [w]}], lr=1e-2, weight_decay=0.01)
+    g1, g2 = torch.randn(64, 100), torch.randn(64, 100)
+    w.grad = g1
+    opt.step()
+    # the reference: the same state after step 1, dequantized, then one fp32 AdamW step
+    state = opt.state[w]
+    m = dequantize_blockwise(state[C.EXP_AVG_CODES], state[C.EXP_AVG_ABSMAX], dynamic_map(True), 256, (64, 100))
+    v = dequantize_blockwise(state[C.EXP_AVG_SQ_CODES], state[C.EXP_AVG_SQ_ABSMAX], dynamic_map(False), 256, (64, 100))
+    ref = w.detach().clone()
+    adamw_update(ref, g2, m, v, state[C.STEP].clone(), lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    codes, absmax = quantize_blockwise(m, dynamic_map(True), 256)
+    w.grad = g2
+    opt.step()
+    assert torch.equal(w.detach(), ref)
+    assert torch.equal(state[C.EXP_AVG_CODES].view(-1), codes.view(-1)) and torch.equal(state[C.EXP_AVG_ABSMAX], absmax)

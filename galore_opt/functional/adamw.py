@@ -41,7 +41,29 @@ def adamw_update(
 ) -> None:
     """One AdamW step of a full-size parameter, in place (``step_t`` is incremented)."""
     step_t += 1
-    step = step_t.item()
+    adamw_apply(
+        param, grad, exp_avg, exp_avg_sq, step_t.item(), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, numerics=numerics, correct_bias=correct_bias,
+    )  # fmt: skip
+
+
+def adamw_apply(
+    param: Tensor,
+    grad: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    step: float,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    numerics: str = "torch",
+    correct_bias: bool = True,
+) -> None:
+    """:func:`adamw_update` for a given (already incremented) ``step``: elementwise, so a
+    parameter may be updated slice by slice with the same result."""
     if numerics == "torch":
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)

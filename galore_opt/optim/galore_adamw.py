@@ -112,6 +112,10 @@ class GaLoreAdamW(GaLoreOptimizer):
         """Run the step with the Triton kernel; False if this parameter's state has no kernel path."""
         return False
 
+    def _full_step(self, group, p, state, hyper) -> bool:
+        """Update a full-size (non-GaLore) parameter another way; False: the default path."""
+        return False
+
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, low_rank_grad: torch.Tensor | None = None) -> None:
         """Update only ``p`` (optimizer-in-backward). ``low_rank_grad``: the gradient already
@@ -140,6 +144,8 @@ class GaLoreAdamW(GaLoreOptimizer):
             if not state:
                 state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
                 self._init_moments(state, p, tuple(p.shape), group)
+            if self._full_step(group, p, state, hyper):
+                return
             exp_avg, exp_avg_sq = self._load_moments(state)
             grad = p.grad if exp_avg.dtype == p.grad.dtype else p.grad.to(exp_avg.dtype)
             adamw_update(p, grad, exp_avg, exp_avg_sq, state[C.STEP], **hyper)

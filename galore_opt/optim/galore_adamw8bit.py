@@ -9,9 +9,17 @@ import torch
 from torch import Tensor
 
 from .. import config as C
-from ..functional.adamw import add_projected_back, bases_for_compute
+from ..functional import resolve_impl
+from ..functional.adamw import adamw_apply, add_projected_back, bases_for_compute
 from ..projector import project
-from ..quant import DEFAULT_BLOCK_SIZE, SMALL_TENSOR_THRESHOLD, dequantize_blockwise, dynamic_map, quantize_blockwise
+from ..quant import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_CHUNK_SIZE,
+    SMALL_TENSOR_THRESHOLD,
+    dequantize_blockwise,
+    dynamic_map,
+    quantize_blockwise,
+)
 from .galore_adamw import GaLoreAdamW
 
 
@@ -40,9 +48,17 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     the gradient's dtype): with fp32 parameters a fp32 basis alone would be larger than both 8-bit
     moments. It is computed in fp32 and only rounded for storage.
 
-    Temporaries: the fp32 dequantized moments of one parameter at a time (low-rank sized for
-    GaLore parameters, full-sized for the others) and the quantizer's fixed-size scratch.
+    Temporaries: the fp32 dequantized moments of one parameter at a time for GaLore parameters
+    (low-rank sized). Full-size 8-bit parameters (embeddings, the head) are updated in slices of
+    :data:`FULL_CHUNK` elements (whole quantization blocks): fp32 moments, gradient and update of
+    one slice at a time, about 40 bytes per slice element (40 MiB), whatever the parameter's
+    size; the result is the same as updating it at once (every operation is elementwise or
+    per block). At LLaMA-7B the head's update would otherwise hold ~2.4 GiB of fp32 temporaries
+    at the moment of the training step's memory peak.
     """
+
+    #: elements per slice of a full-size 8-bit parameter's update (rounded down to whole blocks)
+    FULL_CHUNK = DEFAULT_CHUNK_SIZE
 
     # torch's load_state_dict would cast every state tensor (uint8 codes included) to the
     # parameter's dtype; all of these keep their own.
@@ -119,6 +135,50 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if weight_decay != 0:
             param.mul_(1 - lr * weight_decay)
         add_projected_back(param, norm, left_c, right_c, alpha=-lr * group["scale"] / (1 - beta1**step))
+        return True
+
+    def _full_step(self, group, p, state, hyper) -> bool:
+        """A full-size parameter with 8-bit moments, slice by slice (see the class docstring); the
+        Triton kernel updates each slice's moments when the dispatch picks it."""
+        if C.EXP_AVG_CODES not in state or not p.is_contiguous() or not p.grad.is_contiguous():
+            return False
+        block = self._block_size
+        chunk = max(1, self.FULL_CHUNK // block) * block
+        use_kernel = (
+            hyper["numerics"] == "torch"
+            and not (block & (block - 1) or block < 16)
+            and resolve_impl(group["impl"], p.device, self._kernel) == "triton"
+        )
+        step_t = state[C.STEP]
+        step_t += 1
+        step = step_t.item()
+        flat_p, flat_g = p.view(-1), p.grad.view(-1)
+        m_codes, v_codes = state[C.EXP_AVG_CODES].view(-1), state[C.EXP_AVG_SQ_CODES].view(-1)
+        m_absmax, v_absmax = state[C.EXP_AVG_ABSMAX], state[C.EXP_AVG_SQ_ABSMAX]
+        signed, unsigned = self._map(True, p.device), self._map(False, p.device)
+        lr, wd, beta1 = hyper["lr"], hyper["weight_decay"], hyper["beta1"]
+        for start in range(0, flat_p.numel(), chunk):
+            stop = min(start + chunk, flat_p.numel())
+            b0, b1 = start // block, -(-stop // block)
+            pc, gc = flat_p[start:stop], flat_g[start:stop]
+            codes_m, codes_v = m_codes[start:stop], v_codes[start:stop]
+            amax_m, amax_v = m_absmax[b0:b1], v_absmax[b0:b1]
+            if use_kernel:
+                from galore_opt.kernels.adamw8bit import fused_adamw8bit
+
+                norm = fused_adamw8bit(
+                    gc, codes_m, amax_m, codes_v, amax_v, signed, unsigned, beta1=beta1, beta2=hyper["beta2"],
+                    eps=hyper["eps"], step=step, block_size=block, out_dtype=torch.float32,
+                )  # fmt: skip
+                if wd != 0:
+                    pc.mul_(1 - lr * wd)
+                pc.add_(norm, alpha=-lr / (1 - beta1**step))
+                continue
+            m = dequantize_blockwise(codes_m, amax_m, signed, block, gc.shape, torch.float32)
+            v = dequantize_blockwise(codes_v, amax_v, unsigned, block, gc.shape, torch.float32)
+            adamw_apply(pc, gc.float(), m, v, step, **hyper)
+            quantize_blockwise(m, signed, block, out=(codes_m, amax_m))
+            quantize_blockwise(v, unsigned, block, out=(codes_v, amax_v))
         return True
 
     def _validate_group(self, group: dict[str, Any]) -> None:
