@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 import torch  # noqa: E402
 
-from galore_opt import GaLoreAdamW, optimizer_state_bytes  # noqa: E402
+from galore_opt import GaLoreAdamW, GaLoreAdamW8bit, optimizer_state_bytes  # noqa: E402
 
 #: (hidden, intermediate) of the GaLore paper's LLaMA sizes and the rank used for them in the paper
 SIZES = {
@@ -53,13 +53,31 @@ SIZES = {
     "1b": (2048, 5461, 512),
     "7b": (4096, 11008, 1024),
 }
-OPTIMIZERS = ("adamw", "adamw-foreach", "galore-torch", "ours", "ours-gt")
+OPTIMIZERS = ("adamw", "adamw-foreach", "adamw-fused", "bnb-adamw8bit", "galore-torch", "galore-torch-8bit",
+              "ours", "ours-ref", "ours-triton", "ours-gt", "ours-8bit", "matmuls")
+#: run by default (the others on request or by gpu_check.sh)
+DEFAULT_OPTIMIZERS = ("adamw", "adamw-foreach", "galore-torch", "ours", "ours-gt")
 LABELS = {
     "adamw": "torch AdamW (foreach=False)",
     "adamw-foreach": "torch AdamW (foreach=True)",
+    "adamw-fused": "torch AdamW (fused=True)",
+    "bnb-adamw8bit": "bitsandbytes AdamW8bit",
     "galore-torch": "galore-torch GaLoreAdamW",
+    "galore-torch-8bit": "galore-torch GaLoreAdamW8bit",
     "ours": "galore-opt GaLoreAdamW (numerics=torch)",
+    "ours-ref": "galore-opt GaLoreAdamW (impl=reference)",
+    "ours-triton": "galore-opt GaLoreAdamW (impl=triton)",
     "ours-gt": "galore-opt GaLoreAdamW (numerics=galore_torch)",
+    "ours-8bit": "galore-opt GaLoreAdamW8bit",
+    "matmuls": "the two projection GEMMs alone (cuBLAS)",
+}
+GALORE_KINDS = {"galore-torch", "galore-torch-8bit", "ours", "ours-ref", "ours-triton", "ours-gt", "ours-8bit"}
+#: dense bf16 tensor-core FLOP/s and memory bandwidth (bytes/s) by device name, for the roofline
+PEAKS = {
+    "H200": (989e12, 4.8e12),
+    "H100": (989e12, 3.35e12),
+    "RTX 4090": (165e12, 1.008e12),
+    "A100": (312e12, 2.0e12),
 }
 NO_REFRESH_GAP = 10**6
 
@@ -85,6 +103,52 @@ def make_params(size: str, layers: int, device: str, dtype: torch.dtype, seed: i
     return params
 
 
+class MatmulsOnly(torch.optim.Optimizer):
+    """The floor of a GaLore step: per matrix, the down-projection ``R = P^T G`` and the
+    up-projection accumulated into the weight ``W += alpha P R`` (cuBLAS), with fixed bases."""
+
+    def __init__(self, params: list[torch.nn.Parameter], rank: int, lr: float):
+        super().__init__(params, {"lr": lr})
+        for p in self.param_groups[0]["params"]:
+            m, n = p.shape
+            k = min(rank, m, n)
+            left = m <= n  # the smaller side, as GaLore's std projection
+            g = torch.Generator().manual_seed(m * 7 + n)
+            q = torch.linalg.qr(torch.randn(m if left else n, k, generator=g))[0]
+            self.state[p]["basis"] = (q if left else q.t().contiguous()).to(device=p.device, dtype=p.dtype)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        lr = self.param_groups[0]["lr"]
+        for p in self.param_groups[0]["params"]:
+            b = self.state[p]["basis"]
+            if b.shape[0] == p.shape[0]:  # left: (m, r)
+                p.addmm_(b, b.t() @ p.grad, alpha=-lr)
+            else:  # right: (r, n)
+                p.addmm_(p.grad @ b.t(), b, alpha=-lr)
+
+
+def available(kind: str, device: str) -> str | None:
+    """None if ``kind`` can run on ``device``, else why not (the row is skipped with that message)."""
+    import importlib.util
+
+    cuda = torch.device(device).type == "cuda"
+    if kind in ("bnb-adamw8bit", "galore-torch-8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    if kind in ("galore-torch", "galore-torch-8bit") and importlib.util.find_spec("galore_torch") is None:
+        return "galore-torch is not installed"
+    if kind == "galore-torch-8bit" and not cuda:
+        return "galore-torch's 8-bit optimizer runs on CUDA only (bitsandbytes' CUDA kernels)"
+    if kind == "ours-triton":
+        from galore_opt.kernels import triton_usable
+
+        if not triton_usable(device):
+            return "Triton cannot launch here (no GPU; TRITON_INTERPRET=1 would run the slow interpreter)"
+    if kind == "matmuls" and not cuda:
+        return "the GEMM floor is a GPU figure"
+    return None
+
+
 def make_optimizer(kind: str, params: list[torch.nn.Parameter], rank: int, gap: int, lr: float,
                    stagger: bool | None = None) -> torch.optim.Optimizer:
     galore_group = {"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25, "proj_type": "std"}
@@ -92,17 +156,56 @@ def make_optimizer(kind: str, params: list[torch.nn.Parameter], rank: int, gap: 
         return torch.optim.AdamW(params, lr=lr, foreach=False)
     if kind == "adamw-foreach":
         return torch.optim.AdamW(params, lr=lr, foreach=True)
+    if kind == "adamw-fused":
+        return torch.optim.AdamW(params, lr=lr, fused=True)
+    if kind == "bnb-adamw8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr)
     if kind == "galore-torch":
         from galore_torch import GaLoreAdamW as GTGaLoreAdamW
 
         return GTGaLoreAdamW([galore_group], lr=lr, no_deprecation_warning=True)
-    if kind == "ours":
-        if stagger is not None:
-            galore_group["stagger_refresh"] = stagger
-        return GaLoreAdamW([galore_group], lr=lr)
+    if kind == "galore-torch-8bit":
+        from galore_torch import GaLoreAdamW8bit as GTGaLoreAdamW8bit
+
+        return GTGaLoreAdamW8bit([galore_group], lr=lr)
+    if kind == "matmuls":
+        return MatmulsOnly(params, rank, lr)
+    if stagger is not None:
+        galore_group["stagger_refresh"] = stagger
+    if kind in ("ours", "ours-ref", "ours-triton"):
+        impl = {"ours": "auto", "ours-ref": "reference", "ours-triton": "triton"}[kind]
+        return GaLoreAdamW([galore_group], lr=lr, impl=impl)
+    if kind == "ours-8bit":
+        return GaLoreAdamW8bit([galore_group], lr=lr)
     if kind == "ours-gt":
+        galore_group.pop("stagger_refresh", None)
         return GaLoreAdamW([galore_group], lr=lr, numerics="galore_torch")
     raise ValueError(kind)
+
+
+def roofline_s(size: str, layers: int, rank: int, dtype: torch.dtype, device: str) -> float | None:
+    """Lower bound of a GaLore step at this shape: max(FLOPs / peak, bytes / bandwidth), where the
+    FLOPs are the two projection GEMMs (4 r m n per matrix) and the bytes one read of G, one read
+    and one write of W, and the low-rank moments read and written in fp32."""
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    peak = next((v for k, v in PEAKS.items() if k in name), None)
+    if peak is None:
+        return None
+    flops, bw = peak
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        flops = flops / 14  # fp32 without TF32: CUDA cores only (about 67 of 989 TFLOP/s on Hopper)
+    d = torch.finfo(dtype).bits // 8
+    total_flops = total_bytes = 0
+    for _, (m, n) in layer_matrices(size, layers):
+        r = min(rank, m, n)
+        low = r * max(m, n)
+        total_flops += 4 * r * m * n
+        total_bytes += 3 * m * n * d + low * (d + 4 * 4)
+    return max(total_flops / flops, total_bytes / bw)
 
 
 def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
@@ -116,7 +219,7 @@ def timed_step(opt: torch.optim.Optimizer, device: str) -> float:
 def run_optimizer(kind: str, size: str, args: argparse.Namespace, dtype: torch.dtype,
                   log: Callable[[str], None]) -> dict[str, Any]:
     rank = args.rank or SIZES[size][2]
-    galore = kind not in ("adamw", "adamw-foreach")
+    galore = kind in GALORE_KINDS
     row: dict[str, Any] = dict(size=size, layers=args.layers, rank=rank if galore else None, optimizer=kind,
                                label=LABELS[kind])
 
@@ -140,7 +243,7 @@ def run_optimizer(kind: str, size: str, args: argparse.Namespace, dtype: torch.d
     if galore:
         params = make_params(size, args.layers, args.device, dtype, args.seed)
         gap = args.refresh_gap
-        opt = make_optimizer(kind, params, rank, gap, args.lr, stagger=False if kind == "ours" else None)
+        opt = make_optimizer(kind, params, rank, gap, args.lr, stagger=False if kind.startswith("ours") else None)
         refresh_times = []
         steps = gap * args.refresh_repeats
         for s in range(steps + 1):
@@ -173,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", default="60m,130m,350m", help=f"comma list of {', '.join(SIZES)}")
     ap.add_argument("--layers", type=int, default=1, help="decoder layers (7 matrices each)")
     ap.add_argument("--rank", type=int, default=None, help="GaLore rank (default: the paper's for the size)")
-    ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
+    ap.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
     ap.add_argument("--steps", type=int, default=20, help="timed steady steps (median)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
     ap.add_argument("--refresh-gap", type=int, default=2, help="update_proj_gap of the refresh-step run")
@@ -217,11 +320,19 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(m * n for _, (m, n) in mats)
         log(f"== {size}: {len(mats)} matrices ({args.layers} layer(s), hidden {SIZES[size][0]}, intermediate "
             f"{SIZES[size][1]}), {n_params / 1e6:.1f}M params, rank {args.rank or SIZES[size][2]}")
+        roof = roofline_s(size, args.layers, args.rank or SIZES[size][2], dtype, args.device)
+        if roof is not None:
+            log(f"  roofline of a GaLore step here: {C.fmt_ms(roof)} ms")
         for kind in kinds:
+            why = available(kind, args.device)
+            if why is not None:
+                log(f"  {LABELS[kind]:<48} skipped: {why}")
+                continue
             threshold = C.BUSY_RETRY["threshold"]
             for attempt in range(C.BUSY_RETRY["attempts"] if threshold is not None else 1):
                 row = run_optimizer(kind, size, args, dtype, log)
                 row["attempts"] = attempt + 1
+                row["roofline_s"] = roof
                 if threshold is None or row["others_cpu"] is None or row["others_cpu"] <= threshold:
                     break
                 if attempt < C.BUSY_RETRY["attempts"] - 1:
@@ -231,15 +342,18 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - t_start
     others = monitor.stop()
 
-    headers = ["optimizer", "steady ms", "refresh step ms", "first step ms", "amortized@gap200 ms",
+    headers = ["optimizer", "steady ms", "roofline ms", "refresh step ms", "first step ms", "amortized@gap200 ms",
                "state MiB", "peak extra MiB (steady)", "peak extra MiB (refresh)", "others' CPU"]
     print()
     for size in sizes:
         sel = [r for r in rows if r["size"] == size]
+        if not sel:
+            continue
         print(f"## {size}, {args.layers} layer(s), {sel[0]['param_bytes'] / 2**20:.1f} MiB of {args.dtype} params, "
               f"rank {args.rank or SIZES[size][2]}, device {args.device}")
         print(C.format_table(headers, [[
-            r["label"], C.fmt_ms(r["steady_s"]), C.fmt_ms(r["refresh_s"]), C.fmt_ms(r["first_step_s"]),
+            r["label"], C.fmt_ms(r["steady_s"]), C.fmt_ms(r["roofline_s"]), C.fmt_ms(r["refresh_s"]),
+            C.fmt_ms(r["first_step_s"]),
             C.fmt_ms(r["amortized_gap200_s"]), C.fmt_mib(r["state_bytes"]),
             C.fmt_mib(r["peak_extra_steady_bytes"]), C.fmt_mib(r["peak_extra_refresh_bytes"]), _pct(r["others_cpu"]),
         ] for r in sel]))

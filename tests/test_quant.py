@@ -376,3 +376,24 @@ def test_cuda_matches_cpu_bit_for_bit(dtype):
         assert torch.equal(codes_cuda.cpu(), codes) and torch.equal(absmax_cuda.cpu(), absmax)
         y = dequantize_blockwise(codes_cuda, absmax_cuda, code_cuda, 256, x.shape, dtype)
         assert torch.equal(y.cpu(), dequantize_blockwise(codes, absmax, code, 256, x.shape, dtype))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_bucket_search_equals_searchsorted(signed):
+    """The 16-bit-prefix lookup that replaces the binary search gives searchsorted's index for every
+    value: random ones over many decades, the codes themselves, their fp32 neighbours, +-0, and the
+    maps' ends; a map with codes closer than a bf16 step falls back to the binary search."""
+    from galore_opt.quant import _bucket_table, _searchsorted_into
+
+    code = dynamic_map(signed)
+    gen = torch.Generator().manual_seed(0)
+    v = torch.cat([
+        torch.randn(20000, generator=gen) * torch.exp2(torch.randint(-40, 2, (20000,), generator=gen).float()),
+        code, torch.nextafter(code, torch.tensor(math.inf)), torch.nextafter(code, torch.tensor(-math.inf)),
+        torch.tensor([0.0, -0.0, 1.0, -1.0, 1.5, -1.5, 1e-30, -1e-30]),
+    ])  # fmt: skip
+    for c in (code, torch.linspace(0.0, 1e-3, 200)):  # the second: codes 5e-6 apart near 1e-3
+        out = torch.empty(v.numel(), dtype=torch.int32)
+        _searchsorted_into(c, v, out, torch.empty_like(v), torch.empty(v.numel(), dtype=torch.bool))
+        assert torch.equal(out, torch.searchsorted(c, v, out_int32=True))
+    assert _bucket_table(code)[2] == 1

@@ -2,7 +2,7 @@
 
 Importing this package imports no Triton; :func:`triton_usable` checks, without launching
 anything, whether a kernel could run on a device; :func:`kernel_available` says which kernels
-ship. Kernel modules (``adamw8bit``) import Triton and are imported only when a kernel is used.
+ship. Kernel modules (``adamw8bit``, ``galore_adamw``) import Triton and are imported only when a kernel is used.
 """
 
 from __future__ import annotations
@@ -33,14 +33,15 @@ def triton_usable(device: torch.device | str) -> bool:
 
 
 #: optimizer step kernels this build ships, by the name the optimizers ask for
-KERNELS = ("adamw8bit",)
+KERNELS = ("adamw8bit", "galore_adamw")
 
 
 def kernel_available(name: str) -> bool:
     """Whether the fused kernel ``name`` ships in this build and Triton is installed.
 
     ``"adamw8bit"``: the 8-bit block-wise moment update (:mod:`galore_opt.kernels.adamw8bit`).
-    ``"galore_adamw"`` (the fp32 fused GaLore-AdamW step) is not written yet.
+    ``"galore_adamw"``: the low-rank Adam update and the up-projection with the weight update in
+    its epilogue (:mod:`galore_opt.kernels.galore_adamw`).
     """
     return name in KERNELS and importlib.util.find_spec("triton") is not None
 

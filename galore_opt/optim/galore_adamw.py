@@ -9,6 +9,8 @@ import torch
 
 from .. import config as C
 from ..functional import adamw_update, check_impl, galore_adamw_update, resolve_impl
+from ..functional.adamw import bases_for_compute
+from ..projector import project
 from .base import GaLoreOptimizer
 
 _DEFAULT_EPS = {"torch": 1e-8, "galore_torch": 1e-6}
@@ -106,11 +108,47 @@ class GaLoreAdamW(GaLoreOptimizer):
         return loss
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
-    _kernel: str | None = None
+    _kernel: str | None = "galore_adamw"
 
     def _fused_galore_step(self, param, grad, state, left, right, group, low=None) -> bool:
-        """Run the step with the Triton kernel; False if this parameter's state has no kernel path."""
-        return False
+        """The Triton path (:mod:`galore_opt.kernels.galore_adamw`): cuBLAS down-projection, one
+        fused pass for the low-rank moments and normalized update, the up-projection with the
+        weight decay and update in its epilogue. False (reference path) for galore_torch numerics,
+        both sides projected, or moments not contiguous."""
+        exp_avg, exp_avg_sq = state.get(C.EXP_AVG), state.get(C.EXP_AVG_SQ)
+        if (
+            group["numerics"] != "torch"
+            or (left is None) == (right is None)
+            or exp_avg is None
+            or not (exp_avg.is_contiguous() and exp_avg_sq.is_contiguous())
+            or exp_avg.dtype != exp_avg_sq.dtype
+        ):
+            return False
+        from galore_opt.kernels.galore_adamw import lowrank_adam
+
+        step_t = state[C.STEP]
+        step_t += 1
+        step = step_t.item()  # a CPU tensor, as torch.optim keeps it: no device sync
+        beta1, beta2 = group["betas"]
+        left_c, right_c, compute_dtype = bases_for_compute(param if low is not None else grad, left, right)
+        if low is None:
+            low = project(grad.to(compute_dtype), left_c, right_c)
+        norm = lowrank_adam(
+            low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], step=step, out_dtype=compute_dtype
+        )
+        self._fused_update(param, norm, left_c, right_c, group, step)
+        return True
+
+    @staticmethod
+    def _fused_update(param, norm, left_c, right_c, group, step) -> None:
+        """``W <- (1 - lr wd) W - lr scale / bc1 * back(N)`` in one Triton GEMM (one side projected)."""
+        from galore_opt.kernels.galore_adamw import project_back_update
+
+        lr, beta1 = group["lr"], group["betas"][0]
+        a, b = (left_c, norm) if left_c is not None else (norm, right_c)
+        project_back_update(
+            param, a, b, alpha=-lr * group["scale"] / (1 - beta1**step), decay=1 - lr * group["weight_decay"]
+        )
 
     def _full_step(self, group, p, state, hyper) -> bool:
         """Update a full-size (non-GaLore) parameter another way; False: the default path."""

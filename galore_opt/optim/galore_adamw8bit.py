@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import config as C
 from ..functional import resolve_impl
-from ..functional.adamw import adamw_apply, add_projected_back, bases_for_compute
+from ..functional.adamw import adamw_apply, bases_for_compute
 from ..projector import project
 from ..quant import (
     DEFAULT_BLOCK_SIZE,
@@ -99,11 +99,14 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     _kernel = "adamw8bit"
 
     def _fused_galore_step(self, param, grad, state, left, right, group, low=None) -> bool:
-        """The Triton path: cuBLAS down-projection, the fused 8-bit moment kernel, one GEMM that
-        accumulates the projected-back update into ``W``. fp32 (small) moments, galore_torch
-        numerics and block sizes the kernel does not take stay on the reference path."""
+        """The Triton path: cuBLAS down-projection, the fused 8-bit moment kernel, the Triton
+        up-projection with the weight update in its epilogue. fp32 (small) moments, galore_torch
+        numerics, both sides projected and block sizes the kernel does not take stay on the
+        reference path."""
         block = self._block_size
         if C.EXP_AVG_CODES not in state or group["numerics"] != "torch" or block & (block - 1) or block < 16:
+            return False
+        if (left is None) == (right is None):
             return False
         from galore_opt.kernels.adamw8bit import fused_adamw8bit
 
@@ -131,10 +134,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             block_size=block,
             out_dtype=compute_dtype,
         )
-        lr, weight_decay = group["lr"], group["weight_decay"]
-        if weight_decay != 0:
-            param.mul_(1 - lr * weight_decay)
-        add_projected_back(param, norm, left_c, right_c, alpha=-lr * group["scale"] / (1 - beta1**step))
+        self._fused_update(param, norm, left_c, right_c, group, step)
         return True
 
     def _full_step(self, group, p, state, hyper) -> bool:
