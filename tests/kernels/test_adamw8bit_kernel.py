@@ -14,7 +14,6 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no GPU: run with TRITON_INTERPRET=1 (make test does)", allow_module_level=True)
 
 from galore_opt.kernels.adamw8bit import fused_adamw8bit, fused_adamw8bit_reference  # noqa: E402
-
 from galore_opt.quant import dynamic_map, quantize_blockwise  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
