@@ -9,7 +9,22 @@ from __future__ import annotations
 
 import importlib
 
-_SUBMODULES = ("callbacks",)
+_SUBMODULES = (
+    "callbacks",
+    "graphs",
+    "ramanujan",
+    "pruning",
+    "mask_sampling",
+    "sparsity",
+    "galore_diagnostics",
+    "pruning_callbacks",
+    "ntk",
+    "bias_sparsity",
+    "random_pruning",
+    "architecture",
+    "cooccurrence",
+    "ntk_callbacks",
+)
 
 __all__ = list(_SUBMODULES)
 
