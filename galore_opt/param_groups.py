@@ -77,16 +77,20 @@ def galore_param_groups(
     galore: list[nn.Parameter] = []
     seen: set[int] = set()
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not module.weight.requires_grad:
+        if not isinstance(module, nn.Linear):
+            continue
+        # torch.nn.utils.prune turns ``weight`` into a computed tensor; the parameter is ``weight_orig``
+        weight = module._parameters.get("weight_orig", module._parameters.get("weight"))
+        if weight is None or not weight.requires_grad:
             continue
         if _is_all_linear(target_modules):
             if module is head:
                 continue
         elif not _module_matches(target_modules, name):
             continue
-        if id(module.weight) not in seen:
-            seen.add(id(module.weight))
-            galore.append(module.weight)
+        if id(weight) not in seen:
+            seen.add(id(weight))
+            galore.append(weight)
     if not galore:
         raise ValueError(f"target_modules={target_modules!r} selects no nn.Linear weight of this model")
 

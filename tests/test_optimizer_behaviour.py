@@ -145,3 +145,20 @@ def test_galore_trains_a_model_comparably_to_adamw():
     galore = fit(lambda m: GaLoreAdamW(galore_param_groups(m, rank=4, update_proj_gap=50, scale=1.0), lr=3e-3))
     assert galore < 0.2 * start
     assert galore < 5 * adamw
+
+
+def test_param_groups_take_the_parameter_of_a_pruned_linear():
+    """torch.nn.utils.prune replaces ``weight`` by a computed tensor: the group holds ``weight_orig``,
+    the optimizer builds, and (with the mask re-applied by the forward) the step trains."""
+    import torch.nn.utils.prune as prune
+
+    from galore_opt import GaLoreAdamW, galore_param_groups
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    prune.random_unstructured(model[0], "weight", amount=0.5)
+    groups = galore_param_groups(model, target_modules=["0"], rank=4)
+    assert groups[0]["params"] == [model[0].weight_orig]
+    opt = GaLoreAdamW(groups, lr=1e-2)
+    model(torch.randn(8, 16)).square().mean().backward()
+    opt.step()
+    assert (model[0].weight[model[0].weight_mask == 0] == 0).all()
