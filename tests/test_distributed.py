@@ -1,0 +1,105 @@
+"""Multi-process training on CPU with the gloo backend (2 processes): DDP and FSDP2.
+
+Each test spawns 2 worker processes that train in lockstep and write their results to a file;
+the test compares them with a single-process run on the full batch.
+"""
+
+import os
+import socket
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+STEPS = 7
+BATCH = 8  # split into WORLD equal halves
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 24), torch.nn.Tanh(), torch.nn.Linear(24, 20), torch.nn.Tanh(), torch.nn.Linear(20, 6)
+    )
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 12, generator=g), torch.randn(BATCH, 6, generator=g)
+
+
+def _groups(model, proj_method="power"):
+    from galore_opt import galore_param_groups
+
+    return galore_param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=3,
+                               proj_method=proj_method, weight_decay=0.01)  # fmt: skip
+
+
+def _single_process(proj_method):
+    from galore_opt import GaLoreAdamW
+
+    model = _model()
+    opt = GaLoreAdamW(_groups(model, proj_method), lr=1e-2)
+    for step in range(STEPS):
+        x, y = _batch(step)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _init(rank, port):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _ddp_worker(rank, port, out, proj_method):
+    from galore_opt import GaLoreAdamW
+    from galore_opt import config as C
+
+    _init(rank, port)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = GaLoreAdamW(_groups(model.module, proj_method), lr=1e-2)
+        half = BATCH // WORLD
+        for step in range(STEPS):
+            x, y = _batch(step)
+            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()  # DDP averages = full-batch mean
+            opt.step()
+        # the basis is the same on every rank
+        same = True
+        for state in opt.state.values():
+            for key in (C.BASIS_LEFT, C.BASIS_RIGHT):
+                if key in state:
+                    mine = state[key].contiguous()
+                    other = [torch.empty_like(mine) for _ in range(WORLD)]
+                    dist.all_gather(other, mine)
+                    same &= all(torch.equal(o, mine) for o in other)
+        if rank == 0:
+            torch.save({"params": model.module.state_dict(), "same_basis": same}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
+@pytest.mark.parametrize("proj_method", ["power", "randomized"])
+def test_ddp_two_processes_equal_one_process_on_the_full_batch(tmp_path, proj_method):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(_free_port(), str(out), proj_method), nprocs=WORLD, join=True)
+    result = torch.load(out, weights_only=True)
+    assert result["same_basis"]
+    reference = _single_process(proj_method)
+    for name, value in reference.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
