@@ -4,6 +4,7 @@ state, the basis refresh (the cold path) and the state-dict dtype policy."""
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -67,7 +68,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                     f"A {p.dim()}-D GaLore parameter of shape {tuple(p.shape)} must be contiguous: it is "
                     "projected as the matrix (shape[0], prod(shape[1:]))"
                 )
-            m, n = p.shape[0], p[0].numel()
+            m, n = p.shape[0], math.prod(p.shape[1:])
             if group["rank"] >= min(m, n) and numerics == "torch":
                 key = (group["rank"], m, n)
                 if key not in self._warned_full_rank:
@@ -152,11 +153,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             return C.RIGHT
         if C.STEP in state:  # initialized (and refreshed) without a basis: updated in full
             return C.NONE
-        m, n = p.shape[0], p[0].numel()
+        m, n = p.shape[0], math.prod(p.shape[1:])
         return choose_side((m, n), group["proj_type"], group["rank"], clip_rank=group["numerics"] == "galore_torch")
 
     def _low_rank_shape(self, p: Tensor, group: dict[str, Any], side: str) -> tuple[int, int]:
-        m, n = p.shape[0], p[0].numel()
+        m, n = p.shape[0], math.prod(p.shape[1:])
         r = min(group["rank"], m, n)
         return {C.LEFT: (r, n), C.RIGHT: (m, r), C.FULL: (r, r), C.NONE: (m, n)}[side]
 
