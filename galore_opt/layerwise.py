@@ -101,6 +101,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._prev_norm: float | None = None
         self._callback_queued = False
         self._low_rank: dict[int, Tensor] = {}  # projected accumulation buffers, by id(param)
+        self._ddp = False  # updates run from DDP's communication hook (see register_ddp)
+        self._ddp_futures: list[torch.futures.Future] = []
         self._handles = [
             p.register_post_accumulate_grad_hook(self._hook)
             for g in groups
@@ -115,6 +117,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        if self._ddp_futures:  # the updates run in DDP's bucket callbacks: let them all finish
+            pending, self._ddp_futures = self._ddp_futures, []
+            torch.futures.wait_all(pending)
         if self._last_micro_batch():
             self.grad_norm = math.sqrt(self._sq_norm)
             self._prev_norm = self.grad_norm
@@ -123,7 +128,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
-        if not self._callback_queued:
+        if not self._callback_queued and not self._ddp:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
         opt = self._owner[id(p)]
@@ -157,7 +162,62 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             opt.step_param(p)
         else:
             self._step_only(opt, p)
-        p.grad = None
+        if not self._ddp:  # under DDP the gradient is DDP's to write back; zero_grad() frees it
+            p.grad = None
+
+    # --- DDP ---------------------------------------------------------------------------------------
+
+    def register_ddp(self, ddp_model: torch.nn.Module, process_group: Any = None) -> None:
+        """Run the updates of ``ddp_model``'s parameters from DDP's communication hook.
+
+        A post-accumulate-grad hook fires before DDP has averaged the gradient over the ranks;
+        updating there would apply each rank's local gradient. Instead, each gradient bucket is
+        all-reduced (averaged, as DDP does) and its parameters are updated as soon as that bucket's
+        reduction completes, still inside ``backward``. Every rank then applies the same update
+        (the bases are seeded from step and parameter), so the replicas stay identical.
+
+        Accumulate with ``ddp_model.no_sync()`` around the forward *and* backward of all but the
+        last micro-batch (the gradient accumulates in full there; ``accumulation_steps`` must be
+        1). DDP writes the averaged
+        gradients back into ``.grad`` at the end of backward: call :meth:`zero_grad` after each
+        update to free them. Gradient clipping and ``grad_norm`` work as without DDP.
+        """
+        import torch.distributed as dist
+
+        if self.accumulation_steps != 1:
+            raise ValueError(
+                "under DDP, accumulate with ddp_model.no_sync() and accumulation_steps=1 "
+                f"(got accumulation_steps={self.accumulation_steps})"
+            )
+        ddp_params = {id(p) for p in ddp_model.parameters()}
+        mine = {id(p) for g in self.param_groups for p in g["params"]}
+        if ddp_params - mine:
+            raise ValueError("every parameter of the DDP model must be in this optimizer")
+        self.remove_hooks()
+        self._ddp = True
+        group = process_group
+
+        def hook(state, bucket):  # no annotations: DDP checks them against its own types
+            if not self._callback_queued:  # waits for every bucket's update (see _end_of_backward)
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+                self._callback_queued = True
+            buffer = bucket.buffer()
+            buffer.div_(dist.get_world_size(group))
+            fut = dist.all_reduce(buffer, group=group, async_op=True).get_future()
+
+            def update(done: torch.futures.Future) -> Tensor:
+                for p, grad in zip(bucket.parameters(), bucket.gradients(), strict=True):
+                    if p.grad is None or not p.requires_grad:
+                        continue
+                    p.grad.copy_(grad.view_as(p))
+                    self._hook(p)
+                return done.value()[0]
+
+            done = fut.then(update)
+            self._ddp_futures.append(done)
+            return done
+
+        ddp_model.register_comm_hook(state=group, hook=hook)
 
     @staticmethod
     def _step_only(opt: torch.optim.Optimizer, p: Tensor) -> None:
@@ -184,7 +244,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         return None
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """No-op: the hooks free each gradient after its update (accumulating ones are kept)."""
+        """No-op: the hooks free each gradient after its update (accumulating ones are kept).
+        Under DDP (:meth:`register_ddp`) it frees the gradients DDP wrote back, after an update."""
+        if self._ddp and self.micro_step % self.accumulation_steps == 0:
+            for g in self.param_groups:
+                for p in g["params"]:
+                    p.grad = None
 
     def remove_hooks(self) -> None:
         """Detach from the parameters (e.g. to switch back to a normal optimizer)."""

@@ -93,6 +93,56 @@ def _ddp_worker(rank, port, out, proj_method):
         dist.destroy_process_group()
 
 
+def _ddp_layerwise_worker(rank, port, out, micro):
+    from galore_opt import GaLoreAdamW
+    from galore_opt.layerwise import LayerwiseOptimizer
+
+    _init(rank, port)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(_model())
+        opt = LayerwiseOptimizer(GaLoreAdamW(_groups(model.module), lr=1e-2))
+        opt.register_ddp(model)
+        half = BATCH // WORLD
+        norms = []
+        for step in range(STEPS):
+            x, y = _batch(step)
+            x, y = x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+            chunks = list(zip(x.chunk(micro), y.chunk(micro)))
+            for i, (xc, yc) in enumerate(chunks):
+                if i < micro - 1:
+                    with model.no_sync():  # forward and backward inside: accumulate locally
+                        (torch.nn.functional.mse_loss(model(xc), yc) / micro).backward()
+                else:  # the last micro-batch syncs; the updates happen in here, per gradient bucket
+                    (torch.nn.functional.mse_loss(model(xc), yc) / micro).backward()
+            opt.step()
+            opt.zero_grad()
+            norms.append(opt.grad_norm)
+        if rank == 0:
+            torch.save({"params": model.module.state_dict(), "norms": torch.tensor(norms)}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
+@pytest.mark.parametrize("micro", [1, 2])
+def test_ddp_layerwise_equals_one_process_on_the_full_batch(tmp_path, micro):
+    """Layer-wise updates from DDP's communication hook (after the gradient is averaged), with and
+    without no_sync accumulation: the weights of one process on the full batch, and the true
+    global gradient norm."""
+    out = tmp_path / "ddp_lw.pt"
+    mp.spawn(_ddp_layerwise_worker, args=(_free_port(), str(out), micro), nprocs=WORLD, join=True)
+    result = torch.load(out, weights_only=True)
+    reference = _single_process("power")
+    for name, value in reference.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # the norm of the full-batch gradient at the first step, recomputed here
+    model = _model()
+    x, y = _batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    norm0 = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+    assert result["norms"][0].item() == pytest.approx(norm0, rel=1e-5)
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
 @pytest.mark.parametrize("proj_method", ["power", "randomized"])
 def test_ddp_two_processes_equal_one_process_on_the_full_batch(tmp_path, proj_method):

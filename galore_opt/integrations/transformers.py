@@ -27,9 +27,9 @@ gradients in layer-wise mode, so it is turned off), logs the true global ``grad_
 the full optimizer state in checkpoints; every checkpoint loads with ``torch.load``'s default
 ``weights_only=True`` and resumes exactly.
 
-Layer-wise mode is single-process (``LayerwiseOptimizer`` updates from each parameter's local
-gradient inside backward, before DDP averages it); with several processes it raises. The
-non-layer-wise optimizers work under DDP (see ``docs/distributed.md``).
+Layer-wise mode in the Trainer is single-process; with several processes it raises (in your own
+loop, ``LayerwiseOptimizer.register_ddp`` runs the updates from DDP's communication hook, after the
+gradients are averaged). The non-layer-wise optimizers work under DDP (see ``docs/distributed.md``).
 """
 
 from __future__ import annotations
@@ -161,8 +161,9 @@ def galore_optimizer(
     world = int(getattr(args, "world_size", 1) or 1)
     if world > 1:
         raise ValueError(
-            f"layerwise=True with {world} processes: the per-parameter update inside backward would use "
-            "each rank's local gradient before DDP averages it; use layerwise=False under DDP"
+            f"layerwise=True with {world} processes: the Trainer integration is single-process in layer-wise "
+            "mode (a post-accumulate-grad update would use each rank's gradient before DDP averages it); use "
+            "layerwise=False, or LayerwiseOptimizer.register_ddp(ddp_model) in your own loop"
         )
     max_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
     return LayerwiseOptimizer(
