@@ -905,9 +905,10 @@ def estimate_memory(
     loss_fwd_ws = d * vocab * tokens + (4 * vocab * tokens if d != 4 else 0)
     loss_bwd_ws = 8 * vocab * tokens
     head_bwd_ws = d * vocab * tokens + d * hidden * tokens
-    if device == "cpu" and d != 4:
-        # the CPU's bf16/fp16 GEMM writes the weight gradient through an fp32 buffer of its size
-        # (measured: +62.5 MiB at a 32000x512 head); cuBLAS writes the low-precision result directly
+    if device == "cpu" and d != 4 and not spec.tied_embeddings:
+        # the CPU's bf16/fp16 GEMM writes the head's weight gradient through an fp32 buffer of its
+        # size (measured: +62.5 MiB at a 32000x512 head; not seen with tied embeddings, whose
+        # gradient is accumulated); cuBLAS writes the low-precision result directly
         head_bwd_ws += 4 * vocab * hidden
     incoming = d * hidden * tokens  # the gradient flowing into a layer or norm
     # the embedding's backward: the index sort / accumulation buffers (fp32 rows on CUDA)
