@@ -25,8 +25,17 @@ def _data(n=64, seq=16):
     return (start + step * torch.arange(seq)) % VOCAB
 
 
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps a process-wide state: an earlier Trainer test set it up without bf16."""
+    state = pytest.importorskip("accelerate.state")
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    state.AcceleratorState._reset_state(reset_partial_state=True)
+
+
 @pytest.mark.parametrize("layerwise", [False, True])
-def test_accelerate_prepare_bf16_trains_and_round_trips_state(tmp_path, layerwise):
+def test_accelerate_prepare_bf16_trains_and_round_trips_state(tmp_path, layerwise, fresh_accelerate_state):
     accelerate = pytest.importorskip("accelerate")
     accelerator = accelerate.Accelerator(cpu=True, mixed_precision="bf16")
     model = _model()

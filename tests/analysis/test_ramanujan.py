@@ -1,5 +1,4 @@
 import math
-import time
 
 import numpy as np
 import pytest
@@ -150,16 +149,15 @@ def test_solvers_agree():
         top_singular_values(b, method="eig")
 
 
-def test_large_unfolded_conv_layer_scores_in_seconds():
+def test_large_unfolded_conv_layer_is_scored():
+    """A 512x512x3x3 conv (4608x512 unfolded) gets every score. Its speed (about 1.2 s on one core
+    of the dev machine) is a benchmark figure, in docs/analysis_pruning.md, not a test."""
     torch.manual_seed(0)
     w = torch.randn(512, 512, 3, 3)
     mask = (torch.rand_like(w) < 0.1).float()
-    t = time.perf_counter()
     s = layer_scores(w, mask)
-    elapsed = time.perf_counter() - t
     assert (s.dim_in, s.dim_out) == (4608, 512)
     assert s.scored and math.isfinite(s.imdb) and math.isfinite(s.full_spectrum["fs_norm"])
-    assert elapsed < 20  # about 1.2 s on one core of the dev machine
 
 
 def test_model_scores_aggregates():
