@@ -414,3 +414,82 @@ def wait_for_idle(max_wait_s: float, threshold: float = 0.1, window_s: float = 5
     if announced:
         log(f"# other processes now use {share:.0%} of the CPUs" if share is not None else "")
     return share
+
+
+# --- helpers of bench_e2e.py, bench_quality.py, rtx4090.py and make_tables.py --------------------
+
+
+def device_tag(device: str = "cpu") -> str:
+    """``"cpu"``, or a short slug of the GPU's name (``"h200"``, ``"h100"``, ``"rtx4090"``): the
+    middle part of the result file names of the end-to-end benchmarks."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return dev.type
+    words = [w for w in re.findall(r"[a-z0-9]+", torch.cuda.get_device_name(dev).lower())
+             if w not in ("nvidia", "geforce", "tesla", "amd", "radeon")]
+    if not words:
+        return "cuda"
+    return words[0] + words[1] if words[0] in ("rtx", "gtx") and len(words) > 1 else words[0]
+
+
+def dated_result_path(name: str, device: str = "cpu") -> Path:
+    """``benchmarks/results/<name>-<device tag>-<YYYYMMDD>.json`` (hostname-free, so that a
+    re-run on another machine of the same kind replaces the file of that day)."""
+    return RESULTS_DIR / f"{name}-{device_tag(device)}-{_dt.date.today():%Y%m%d}.json"
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of the libraries a benchmark row may depend on (``None``: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {"torch": torch.__version__, "python": platform.python_version()}
+    for dist in ("galore-opt", "transformers", "peft", "bitsandbytes", "galore-torch", "tokenizers", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    if out["galore-opt"] is None:
+        try:
+            import galore_opt
+
+            out["galore-opt"] = galore_opt.__version__
+        except ImportError:  # pragma: no cover
+            pass
+    return out
+
+
+def available_memory_bytes(device: str = "cpu") -> int | None:
+    """Memory a new allocation can use: ``MemAvailable`` of ``/proc/meminfo`` on the CPU, free
+    device memory (``torch.cuda.mem_get_info``) on CUDA; ``None`` when unknown."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.mem_get_info(dev)[0] if torch.cuda.is_available() else None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (shared storages counted once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), storage.nbytes())
+        if key not in seen:
+            seen.add(key)
+            total += storage.nbytes()
+    return total
+
+
+def shared_machine_warning(others: float | None, threshold: float = 0.1) -> str | None:
+    """The warning to print when other processes used more than ``threshold`` of the CPUs."""
+    if others is None or others <= threshold:
+        return None
+    return (f"WARNING: other processes used {others:.0%} of the CPUs during the run: timings are inflated and "
+            "noisy; rerun when the machine is idle (--wait-idle)")
