@@ -82,8 +82,7 @@ Workspace (each measured on the CPU with the profiler's allocation events, see :
   tensors;
 * an optimizer update (:func:`step_workspace_bytes`): torch AdamW ``sqrt(v)`` and the denominator
   (2 full tensors; the foreach implementation, CUDA's default, one per parameter at once);
-  GaLore a refresh: ``torch.isfinite`` of the gradient (``(d + 3) m n``), an fp32 copy of a
-  non-fp32 gradient plus ``(4.1 max(m, n) + 1.1 min(m, n)) (r + 8) 4`` bytes for the randomized
+  GaLore a refresh: an fp32 copy of a non-fp32 gradient plus ``(4.1 max(m, n) + 1.1 min(m, n)) (r + 8) 4`` bytes for the randomized
   range finder of the cold start (``(0.75 max + 1.7 min) r 4`` for the warm power iteration), or
   the update: 3 low-rank tensors (8-bit: the fp32 dequantized moments and intermediates, 20-22
   bytes per low-rank element); a full-size parameter of ``GaLoreAdamW8bit`` (embeddings, head)
@@ -602,16 +601,16 @@ def _layer_backward_steps(spec: ModelSpec, d: int, batch: int, seq: int, checkpo
 
 
 def _refresh_workspace(m: int, n: int, rank: int, d: int, kind: bool | str = True) -> int:
-    """A basis refresh: the finiteness check (``torch.isfinite`` is composite: ``|G|`` and three
-    bool tensors), then in fp32 the gradient's copy (when it is not fp32) and the randomized range
+    """A basis refresh: in fp32 the gradient's copy (when it is not fp32) and the randomized range
     finder's (``kind="cold"``: the first refresh) or the warm-started power iteration's
-    (``"warm"``) skinny temporaries; ``True``: the larger."""
+    (``"warm"``) skinny temporaries; ``True``: the larger. (The finiteness check is a sum: no
+    temporary.)"""
     big, small = max(m, n), min(m, n)
     k = min(rank + _OVERSAMPLE, small)
     cold = (COLD_REFRESH_COEF[0] * big + COLD_REFRESH_COEF[1] * small) * k * 4
     warm = (WARM_REFRESH_COEF[0] * big + WARM_REFRESH_COEF[1] * small) * min(rank, small) * 4
     basis = {"cold": cold, "warm": warm}.get(kind, max(cold, warm)) if isinstance(kind, str) else max(cold, warm)
-    return int(max((d + 3) * m * n, (4 * m * n if d != 4 else 0) + basis))
+    return int((4 * m * n if d != 4 else 0) + basis)
 
 
 def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
