@@ -63,6 +63,15 @@ def _init(rank, port):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
 
 
+def _shutdown():
+    # every rank done (rank 0 may still be writing its file) before the process group goes away:
+    # tearing it down under a peer's pending gloo work aborted a worker once in CI
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _ddp_worker(rank, port, out, proj_method):
     from galore_opt import GaLoreAdamW
     from galore_opt import config as C
@@ -90,7 +99,7 @@ def _ddp_worker(rank, port, out, proj_method):
         if rank == 0:
             torch.save({"params": model.module.state_dict(), "same_basis": same}, out)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 def _ddp_layerwise_worker(rank, port, out, micro):
@@ -120,7 +129,7 @@ def _ddp_layerwise_worker(rank, port, out, micro):
         if rank == 0:
             torch.save({"params": model.module.state_dict(), "norms": torch.tensor(norms)}, out)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
@@ -214,7 +223,7 @@ def _fsdp_worker(rank, port, out, ckpt):
         if rank == 0:
             torch.save({"final": final, "resumed": resumed, "sides": sides, "sharded_moments": sharded_moments}, out)
     finally:
-        dist.destroy_process_group()
+        _shutdown()
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
