@@ -45,7 +45,7 @@ import _common as C  # noqa: E402
 import torch  # noqa: E402
 
 import galore_opt  # noqa: E402
-from galore_opt.toy import LLAMA_SIZES, TokenStream, build_llama, llama_config  # noqa: E402
+from galore_opt.toy import LLAMA_SIZES, TokenStream, build_llama, llama_config, warmup_cosine  # noqa: E402
 
 OPTIMIZERS = {
     "adamw": "torch AdamW",
@@ -64,18 +64,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": dict(size="tiny", layers=1, steps=6, batch=2, seq=32, rank=16, gap=3, vocab=512,
                   corpus_bytes=300_000, eval_batches=2, eval_points=2, device="cpu", dtype="float32"),
 }
-
-
-def lr_lambda(steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to 10 % of the peak."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
 
 
 def make_optimizer(kind: str, model: torch.nn.Module, args: argparse.Namespace) -> tuple[torch.optim.Optimizer, float]:
@@ -113,7 +101,7 @@ def train_one(kind: str, args: argparse.Namespace, data: TokenStream, cfg: Any,
     model.train()
     opt, lr = make_optimizer(kind, model, args)
     warmup = max(1, args.steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, warmup))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(args.steps, warmup))
     batches = data.batches(args.batch, args.seq, seed=args.seed)
     eval_every = max(1, args.steps // max(1, args.eval_points))
     eval_curve: list[tuple[int, float]] = [(0, evaluate(model, eval_batches))]

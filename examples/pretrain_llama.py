@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import galore_opt
 from galore_opt.layerwise import LayerwiseOptimizer
-from galore_opt.toy import TokenStream, build_llama, llama_config
+from galore_opt.toy import TokenStream, build_llama, llama_config, warmup_cosine
 
 try:
     from galore_opt.utils import optimizer_state_bytes
@@ -69,18 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 OPTIMIZERS = ("AdamW", "GaLoreAdamW", "GaLoreAdamW8bit", "GaLoreAdamW-layerwise", "GaLoreAdamW8bit-layerwise")
 
 
-def lr_lambda(steps: int, warmup: int):
-    """Linear warm-up, then cosine decay to 10% of the peak (the GaLore paper's schedule)."""
-
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return 0.1 + 0.45 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return f
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, batches: list[torch.Tensor]) -> float:
     model.eval()
@@ -115,7 +103,7 @@ def train(
             optimizer = LayerwiseOptimizer(optimizer)
         lr = args.galore_lr
     warmup = args.warmup if args.warmup is not None else max(1, args.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.steps, warmup))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.steps, warmup))
 
     losses: list[float] = []
     step_s: list[float] = []

@@ -11,6 +11,7 @@ them.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -277,3 +278,18 @@ def build_llama(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
+
+
+def warmup_cosine(steps: int, warmup: int, floor: float = 0.1):
+    """The GaLore paper's schedule as a ``LambdaLR`` factor: linear warm-up over ``warmup`` steps,
+    then cosine decay to ``floor`` times the peak at ``steps``."""
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"warmup and steps must be >= 1, got warmup={warmup}, steps={steps}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return floor + (1.0 - floor) / 2 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor

@@ -116,3 +116,11 @@ def test_build_llama_seeded_forward() -> None:
     out = a(input_ids=x, labels=x)
     assert out.logits.shape == (2, 16, 128)
     assert torch.isfinite(out.loss)
+
+
+def test_warmup_cosine_schedule():
+    f = toy.warmup_cosine(100, 10)
+    assert [f(0), f(9)] == [0.1, 1.0]  # linear warm-up to the peak
+    assert f(10) == 1.0 and abs(f(55) - 0.55) < 1e-12 and abs(f(100) - 0.1) < 1e-12 and f(500) == f(100)
+    with pytest.raises(ValueError, match="warmup=0"):
+        toy.warmup_cosine(100, 0)
