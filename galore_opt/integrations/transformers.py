@@ -42,7 +42,7 @@ from ..layerwise import LayerwiseOptimizer
 from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from ..param_groups import galore_param_groups
 
-__all__ = ["GaLoreTrainer", "OPTIMIZERS", "galore_optimizer", "parse_optim_args"]
+__all__ = ["GaLoreTrainer", "OPTIMIZERS", "galore_optimizer", "parse_optim_args"]  # noqa: F822 (module __getattr__)
 
 #: ``galore_optimizer`` names (the Trainer's ``galore_adamw`` style names are accepted too)
 OPTIMIZERS = {
@@ -113,6 +113,7 @@ def galore_optimizer(
     *,
     layerwise: bool = False,
     target_modules: Any = None,
+    max_grad_norm: float | None = None,
     **overrides: Any,
 ) -> torch.optim.Optimizer:
     """Build a galore-opt optimizer for ``model`` from ``TrainingArguments``.
@@ -127,6 +128,7 @@ def galore_optimizer(
             global norm at ``args.max_grad_norm`` (if > 0).
         target_modules: overrides ``args.optim_target_modules`` (default ``"all-linear"`` when
             both are unset).
+        max_grad_norm: overrides ``args.max_grad_norm`` (layer-wise clipping threshold).
         overrides: group keys or optimizer arguments that win over ``args`` (e.g. ``rank=64``).
     """
     key = _resolve_name(optimizer)
@@ -165,7 +167,7 @@ def galore_optimizer(
             "mode (a post-accumulate-grad update would use each rank's gradient before DDP averages it); use "
             "layerwise=False, or LayerwiseOptimizer.register_ddp(ddp_model) in your own loop"
         )
-    max_norm = float(getattr(args, "max_grad_norm", 0.0) or 0.0)
+    max_norm = float((max_grad_norm if max_grad_norm is not None else getattr(args, "max_grad_norm", 0.0)) or 0.0)
     return LayerwiseOptimizer(
         opt,
         accumulation_steps=int(getattr(args, "gradient_accumulation_steps", 1) or 1),
@@ -173,46 +175,29 @@ def galore_optimizer(
     )
 
 
-def _trainer_base():
-    from transformers import Trainer
+_TRAINER_DOC = """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
 
-    return Trainer
-
-
-class _LazyTrainerMeta(type):
-    """Create the real subclass of ``transformers.Trainer`` on first use (keeps the import lazy)."""
-
-    _cls = None
-
-    def _real(cls):
-        if _LazyTrainerMeta._cls is None:
-            _LazyTrainerMeta._cls = _make_trainer_class()
-        return _LazyTrainerMeta._cls
-
-    def __call__(cls, *args, **kwargs):
-        return cls._real()(*args, **kwargs)
-
-    def __instancecheck__(cls, obj):
-        return isinstance(obj, cls._real())
-
-    def __subclasscheck__(cls, sub):
-        return issubclass(sub, cls._real())
+Extra keyword arguments: ``galore_optimizer`` (``"adamw"``, ``"adamw8bit"``, ``"adafactor"``;
+default ``"adamw"``), ``layerwise`` (default False) and ``galore_kwargs`` (dict of overrides
+for :func:`galore_optimizer`). Everything else is the Trainer's.
+"""
 
 
-class GaLoreTrainer(metaclass=_LazyTrainerMeta):
-    """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
-
-    Extra keyword arguments: ``galore_optimizer`` (``"adamw"``, ``"adamw8bit"``, ``"adafactor"``;
-    default ``"adamw"``), ``layerwise`` (default False) and ``galore_kwargs`` (dict of overrides
-    for :func:`galore_optimizer`). Everything else is the Trainer's.
-    """
+def __getattr__(name: str) -> Any:
+    # GaLoreTrainer subclasses transformers.Trainer: built on first access, so that importing this
+    # module (e.g. for galore_optimizer) does not import transformers.
+    if name == "GaLoreTrainer":
+        cls = _make_trainer_class()
+        globals()["GaLoreTrainer"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _make_trainer_class():
-    Trainer = _trainer_base()
+    from transformers import Trainer
 
-    class _GaLoreTrainer(Trainer):
-        __doc__ = GaLoreTrainer.__doc__
+    class GaLoreTrainer(Trainer):
+        __doc__ = _TRAINER_DOC
 
         def __init__(self, *args, galore_optimizer: str = "adamw", layerwise: bool = False,
                      galore_kwargs: dict[str, Any] | None = None, **kwargs):  # fmt: skip
@@ -220,21 +205,17 @@ def _make_trainer_class():
             self.galore_layerwise = layerwise
             self.galore_kwargs = dict(galore_kwargs or {})
             super().__init__(*args, **kwargs)
+            self._galore_max_grad_norm = self.args.max_grad_norm
             if layerwise:
                 # Clipping happens inside backward (LayerwiseOptimizer); the Trainer's own clipping
                 # would see no gradients and log a norm of 0.
-                self._galore_max_grad_norm = self.args.max_grad_norm
                 self.args.max_grad_norm = 0.0
 
         def create_optimizer(self, model=None):
             if self.optimizer is None:
-                target = model if model is not None else self.model
-                args = self.args
-                if self.galore_layerwise:
-                    # the clipping threshold the user asked for (the Trainer's copy is zeroed)
-                    args = _ArgsView(args, max_grad_norm=self._galore_max_grad_norm)
                 self.optimizer = galore_optimizer(
-                    target, args, self.galore_optimizer_name, layerwise=self.galore_layerwise,
+                    model if model is not None else self.model, self.args, self.galore_optimizer_name,
+                    layerwise=self.galore_layerwise, max_grad_norm=self._galore_max_grad_norm,
                     **self.galore_kwargs,
                 )  # fmt: skip
             return self.optimizer
@@ -247,17 +228,4 @@ def _make_trainer_class():
                     logs["grad_norm"] = float(norm)
             super().log(logs, *args, **kwargs)
 
-    _GaLoreTrainer.__name__ = _GaLoreTrainer.__qualname__ = "GaLoreTrainer"
-    return _GaLoreTrainer
-
-
-class _ArgsView:
-    """``args`` with some attributes replaced."""
-
-    def __init__(self, base: Any, **replace: Any):
-        self._base, self._replace = base, replace
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._replace:
-            return self._replace[name]
-        return getattr(self._base, name)
+    return GaLoreTrainer
