@@ -97,7 +97,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
         self.micro_step = 0  # backward passes seen
         self.grad_norm: float | None = None  # global norm of the last update's gradients
-        self._sq_norm = 0.0
+        # per-parameter gradient norms of the update in progress, kept on their devices: reading
+        # each one (float()) would synchronize the GPU once per parameter inside backward
+        self._norms: list[Tensor] = []
         self._prev_norm: float | None = None
         self._callback_queued = False
         self._low_rank: dict[int, Tensor] = {}  # projected accumulation buffers, by id(param)
@@ -121,10 +123,20 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             pending, self._ddp_futures = self._ddp_futures, []
             torch.futures.wait_all(pending)
         if self._last_micro_batch():
-            self.grad_norm = math.sqrt(self._sq_norm)
+            self.grad_norm = self._global_norm()
             self._prev_norm = self.grad_norm
-            self._sq_norm = 0.0
+            self._norms = []
         self.micro_step += 1
+
+    def _global_norm(self) -> float:
+        """sqrt of the sum of the squared per-parameter norms (one device sync per update)."""
+        if not self._norms:
+            return 0.0
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for n in self._norms:
+            by_device.setdefault(n.device, []).append(n)
+        total = sum(float(torch.stack(ns).double().square().sum()) for ns in by_device.values())
+        return math.sqrt(total)
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
@@ -147,15 +159,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             low = buf.add_(opt.project_gradient(p, p.grad))
             p.grad = None
         grad = low if low is not None else p.grad
-        norm = float(torch.linalg.vector_norm(grad, dtype=torch.float32))
-        self._sq_norm += norm * norm
-        coef = 1.0
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        self._norms.append(norm)
         if self.clip_mode == "previous" and self._prev_norm is not None:
             coef = min(1.0, self.max_grad_norm / (self._prev_norm + 1e-6))
-        elif self.clip_mode == "parameter":
-            coef = min(1.0, self.max_grad_norm / (norm + 1e-6))
-        if coef < 1.0:
-            grad.mul_(coef)
+            if coef < 1.0:
+                grad.mul_(coef)
+        elif self.clip_mode == "parameter":  # on the device: no sync (a factor of 1 changes nothing)
+            grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
         if low is not None:
             opt.step_param(p, low_rank_grad=low)
         elif isinstance(opt, GaLoreOptimizer) and type(opt).step_param is not GaLoreOptimizer.step_param:

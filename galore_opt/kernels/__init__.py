@@ -7,6 +7,7 @@ ship. Kernel modules (``adamw8bit``, ``galore_adamw``) import Triton and are imp
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -18,13 +19,20 @@ def interpreter_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Whether Triton can be imported (looked up once: the optimizers ask on every step, and a
+    ``find_spec`` that misses costs ~50 us of file-system lookups)."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def triton_usable(device: torch.device | str) -> bool:
     """Whether a Triton kernel could launch on ``device``.
 
     ``import triton`` succeeding is not enough: without a GPU a launch fails with "0 active
     drivers". CUDA tensors need a visible CUDA device; CPU tensors need interpreter mode.
     """
-    if importlib.util.find_spec("triton") is None:
+    if not triton_installed():
         return False
     device = torch.device(device)
     if device.type == "cuda":
@@ -43,7 +51,7 @@ def kernel_available(name: str) -> bool:
     ``"galore_adamw"``: the low-rank Adam update and the up-projection with the weight update in
     its epilogue (:mod:`galore_opt.kernels.galore_adamw`).
     """
-    return name in KERNELS and importlib.util.find_spec("triton") is not None
+    return name in KERNELS and triton_installed()
 
 
-__all__ = ["KERNELS", "interpreter_mode", "kernel_available", "triton_usable"]
+__all__ = ["KERNELS", "interpreter_mode", "kernel_available", "triton_installed", "triton_usable"]

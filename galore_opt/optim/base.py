@@ -85,25 +85,40 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Yield ``(group, param, index)`` for params with a gradient (or just ``only``); ``index``
         is the param's position in the optimizer (stable across ranks and resumes: it seeds
         refreshes)."""
+        if only is not None:
+            group, i = self._locate(only)
+            if only.grad is not None and only.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            yield group, only, i
+            return
         index = itertools.count()
         for group in self.param_groups:
             for p in group["params"]:
                 i = next(index)
-                if only is not None and p is not only:
+                if p.grad is None:
                     continue
-                if p.grad is None and only is None:
-                    continue
-                if p.grad is not None and p.grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 yield group, p, i
+
+    def _locate(self, p: Tensor) -> tuple[dict[str, Any], int]:
+        """``(group, index)`` of ``p``. Optimizer-in-backward asks for every parameter on every
+        step, so the lookup is a dict, rebuilt when the groups change (``add_param_group``,
+        ``load_state_dict``, which replaces the group dicts)."""
+        key = tuple((id(g), len(g["params"])) for g in self.param_groups)
+        if getattr(self, "_locations_key", None) != key:
+            index = itertools.count()
+            self._locations = {id(q): (g, next(index)) for g in self.param_groups for q in g["params"]}
+            self._locations_key = key
+        try:
+            return self._locations[id(p)]
+        except KeyError:
+            raise KeyError("parameter is not in this optimizer") from None
 
     # --- hooks for optimizer-in-backward (galore_opt.layerwise) ------------------------------
 
     def _group_of(self, p: Tensor) -> dict[str, Any]:
-        for group in self.param_groups:
-            if any(q is p for q in group["params"]):
-                return group
-        raise KeyError("parameter is not in this optimizer")
+        return self._locate(p)[0]
 
     def low_rank_accumulation_ready(self, p: Tensor) -> bool:
         """Whether ``p``'s gradient for the *next* step may be accumulated in its projected form:
