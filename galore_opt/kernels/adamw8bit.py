@@ -20,6 +20,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._rounding import round_to as _round
+
 
 @triton.jit
 def _nearest_code(x, code_ptr):
@@ -49,8 +51,9 @@ def _adamw8bit_block_kernel(
     signed_code_ptr,
     unsigned_code_ptr,
     n_elements,
-    beta1,
+    one_minus_beta1,
     beta2,
+    one_minus_beta2,
     eps,
     bias_correction2_sqrt,
     BLOCK: tl.constexpr,
@@ -64,13 +67,16 @@ def _adamw8bit_block_kernel(
     m = tl.load(signed_code_ptr + m_code) * tl.load(m_absmax_ptr + pid)
     v = tl.load(unsigned_code_ptr + v_code) * tl.load(v_absmax_ptr + pid)
 
-    # torch: exp_avg.lerp_(g, 1 - beta1); exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    m = m + (1.0 - beta1) * (g - m)
-    v = v * beta2 + (1.0 - beta2) * (g * g)
+    # torch: exp_avg.lerp_(g, 1 - beta1) (an fma); exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2);
+    # correctly rounded sqrt and divisions, as torch's (tl.sqrt may be approximate on GPUs)
+    m = tl.fma(one_minus_beta1, g - m, m)
+    v = v * beta2
+    v = v + one_minus_beta2 * g * g
     m = tl.where(mask, m, 0.0)
     v = tl.where(mask, v, 0.0)
-    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    tl.store(norm_ptr + offs, (m / denom).to(norm_ptr.dtype.element_ty), mask=mask)
+    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
+    out_dtype = norm_ptr.dtype.element_ty
+    tl.store(norm_ptr + offs, _round(tl.math.div_rn(m, denom), out_dtype).to(out_dtype), mask=mask)
 
     m_absmax = tl.max(tl.abs(m), axis=0)
     v_absmax = tl.max(v, axis=0)
@@ -136,8 +142,9 @@ def fused_adamw8bit(
         signed_code,
         unsigned_code,
         n,
-        float(beta1),
+        float(1 - beta1),  # rounded to fp32 from the double, as torch passes a scalar weight
         float(beta2),
+        float(1 - beta2),
         float(eps),
         float((1 - beta2**step) ** 0.5),
         BLOCK=block_size,

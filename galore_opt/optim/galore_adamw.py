@@ -126,18 +126,24 @@ class GaLoreAdamW(GaLoreOptimizer):
             return False
         from galore_opt.kernels.galore_adamw import lowrank_adam
 
-        step_t = state[C.STEP]
-        step_t += 1
-        step = step_t.item()  # a CPU tensor, as torch.optim keeps it: no device sync
+        step, low, left_c, right_c, compute_dtype = self._fused_project(param, grad, state, left, right, low)
         beta1, beta2 = group["betas"]
-        left_c, right_c, compute_dtype = bases_for_compute(param if low is not None else grad, left, right)
-        if low is None:
-            low = project(grad.to(compute_dtype), left_c, right_c)
         norm = lowrank_adam(
             low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], step=step, out_dtype=compute_dtype
         )
         self._fused_update(param, norm, left_c, right_c, group, step)
         return True
+
+    @staticmethod
+    def _fused_project(param, grad, state, left, right, low):
+        """The fused paths' start: the step count (incremented), the bases in the compute dtype and
+        the projected gradient (cuBLAS), unless ``low`` was given (layer-wise accumulation)."""
+        step_t = state[C.STEP]
+        step_t += 1
+        left_c, right_c, compute_dtype = bases_for_compute(param if low is not None else grad, left, right)
+        if low is None:
+            low = project(grad.to(compute_dtype), left_c, right_c)
+        return step_t.item(), low, left_c, right_c, compute_dtype  # step: a CPU tensor, no sync
 
     @staticmethod
     def _fused_update(param, norm, left_c, right_c, group, step) -> None:

@@ -10,8 +10,7 @@ from torch import Tensor
 
 from .. import config as C
 from ..functional import resolve_impl
-from ..functional.adamw import adamw_apply, bases_for_compute
-from ..projector import project
+from ..functional.adamw import adamw_apply
 from ..quant import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -110,15 +109,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             return False
         from galore_opt.kernels.adamw8bit import fused_adamw8bit
 
-        step_t = state[C.STEP]
-        step_t += 1
-        step = step_t.item()  # a CPU tensor, as torch.optim keeps it: no device sync
+        step, low, left_c, right_c, compute_dtype = self._fused_project(param, grad, state, left, right, low)
         beta1, beta2 = group["betas"]
-        left_c, right_c, compute_dtype = bases_for_compute(param, left, right)
-        if low is None:
-            low = project(grad.to(compute_dtype), left_c, right_c)
-        else:
-            low = low.to(compute_dtype)
         norm = fused_adamw8bit(
             low,
             state[C.EXP_AVG_CODES],

@@ -1,0 +1,19 @@
+"""Rounding helper shared by the Triton kernels."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr):
+    """fp32 ``x`` rounded to ``dtype`` (nearest even), returned as fp32. bf16 by bit arithmetic:
+    Triton's interpreter truncates on an fp32 -> bf16 cast, GPUs round to nearest; this gives the
+    GPU's (and torch's) result in both (finite values; a NaN may come back as inf)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dtype == tl.float16:
+        return x.to(tl.float16).to(tl.float32)
+    else:
+        return x
