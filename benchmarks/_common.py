@@ -493,3 +493,19 @@ def shared_machine_warning(others: float | None, threshold: float = 0.1) -> str 
         return None
     return (f"WARNING: other processes used {others:.0%} of the CPUs during the run: timings are inflated and "
             "noisy; rerun when the machine is idle (--wait-idle)")
+
+
+def add_machine_args(ap: Any) -> None:
+    """``--out``, ``--wait-idle`` and ``--busy-retry``, as bench_projector.py and bench_step.py take them."""
+    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
+                    help="first wait up to this long until other processes use < 10%% of the CPUs")
+    ap.add_argument("--busy-retry", type=float, default=0.1, metavar="SHARE",
+                    help="repeat a timing (up to 3 tries, waiting for idle) when other processes used more "
+                         "than this share of the CPUs meanwhile; negative: never")
+
+
+def apply_machine_args(args: Any) -> None:
+    """Wait for an idle machine if asked, and set the busy-retry threshold."""
+    wait_for_idle(args.wait_idle)
+    BUSY_RETRY["threshold"] = args.busy_retry if args.busy_retry >= 0 else None

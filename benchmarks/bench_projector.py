@@ -239,12 +239,7 @@ def main(argv: list[str] | None = None) -> int:
                         "gradient of rank <= 512)")
     g.add_argument("--matrices", default="down_proj,up_proj", help="MLP weights of layer 0 to capture")
     g.add_argument("--no-cache", action="store_true", help="retrain instead of loading cached gradients")
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                    help="first wait up to this long until other processes use < 10%% of the CPUs")
-    ap.add_argument("--busy-retry", type=float, default=0.1, metavar="SHARE",
-                    help="repeat a timing (up to 3 tries, waiting for idle) when other processes used more "
-                         "than this share of the CPUs meanwhile; negative: never")
+    C.add_machine_args(ap)
     args = ap.parse_args(argv)
     shapes = list(dict.fromkeys([*args.shapes, *args.shape]))
     sources = [s.strip() for s in args.sources.split(",") if s.strip()]
@@ -252,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         if s not in ("synthetic", "real"):
             ap.error(f"unknown source {s!r}")
 
-    C.wait_for_idle(args.wait_idle)
-    C.BUSY_RETRY["threshold"] = args.busy_retry if args.busy_retry >= 0 else None
+    C.apply_machine_args(args)
     info = C.machine_info("cpu")
     print(f"# {info['cpu_model']}, {info['cpu_count']} cores, torch {info['torch_version']}, "
           f"{info['torch_num_threads']} threads, load avg {info.get('loadavg_start')}")

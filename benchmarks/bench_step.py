@@ -295,12 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
-    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="SECONDS",
-                    help="first wait up to this long until other processes use < 10%% of the CPUs")
-    ap.add_argument("--busy-retry", type=float, default=0.1, metavar="SHARE",
-                    help="repeat a timing (up to 3 tries, waiting for idle) when other processes used more "
-                         "than this share of the CPUs meanwhile; negative: never")
+    C.add_machine_args(ap)
     args = ap.parse_args(argv)
     sizes = [s.strip().lower() for s in args.size.split(",") if s.strip()]
     kinds = [k.strip() for k in args.optimizers.split(",") if k.strip()]
@@ -313,8 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     warnings.filterwarnings("ignore", category=FutureWarning)
 
-    C.wait_for_idle(args.wait_idle)
-    C.BUSY_RETRY["threshold"] = args.busy_retry if args.busy_retry >= 0 else None
+    C.apply_machine_args(args)
     info = C.machine_info(args.device)
     print(f"# {info['cpu_model']}, {info['cpu_count']} cores, torch {info['torch_version']}, "
           f"{info['torch_num_threads']} threads, device {args.device}, {args.dtype}, load avg {info.get('loadavg_start')}")
