@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 __all__ = [
     "BiasSparseMLP",
-    "activation_sparsity",
     "active_probability",
     "bias_ntk_limit",
     "first_layer_ntk",
     "orthant_probability",
+    "relu_activity",
 ]
 
 
@@ -183,12 +183,14 @@ def first_layer_ntk(model: BiasSparseMLP, x: Tensor, x2: Tensor | None = None, c
 
 
 @torch.no_grad()
-def activation_sparsity(
+def relu_activity(
     model: nn.Module,
     x: Tensor,
     modules: Iterable[nn.Module] | None = None,
 ) -> dict[str, float | dict[str, float]]:
-    """Fraction of active (> 0) ReLU outputs of ``model`` on ``x``.
+    """Fraction of active (> 0) ReLU outputs of ``model`` on ``x``, with the dead units and the
+    densest sample (per-sample masks; :func:`galore_opt.analysis.sparsity.activation_sparsity`
+    counts the complementary zero fraction of any activation type, without them).
 
     Forward hooks are placed on the activation modules for this one forward pass and removed
     afterwards (nothing stays attached to the model).
@@ -207,7 +209,7 @@ def activation_sparsity(
     names = {m: n for n, m in model.named_modules()}
     targets = list(modules) if modules is not None else [m for m in model.modules() if isinstance(m, nn.ReLU)]
     if not targets:
-        raise ValueError("activation_sparsity: the model has no nn.ReLU module; pass modules=")
+        raise ValueError("relu_activity: the model has no nn.ReLU module; pass modules=")
     outputs: dict[str, Tensor] = {}
 
     def hook(module, inputs, output):
@@ -222,7 +224,7 @@ def activation_sparsity(
         for h in handles:
             h.remove()
     if not outputs:
-        raise ValueError("activation_sparsity: none of the modules ran in the forward pass")
+        raise ValueError("relu_activity: none of the modules ran in the forward pass")
     active = torch.cat(list(outputs.values()), dim=1)
     return {
         "active_fraction": float(active.double().mean()),

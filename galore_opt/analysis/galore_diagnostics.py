@@ -136,14 +136,15 @@ class GaLoreDiagnostics:
         high_drift: float = 0.9,
         method_shortfall: float = 0.9,
     ) -> None:
-        for key, value in dict(
+        self.thresholds = dict(
             low_energy=low_energy,
             high_energy=high_energy,
             stale_ratio=stale_ratio,
             low_drift=low_drift,
             high_drift=high_drift,
             method_shortfall=method_shortfall,
-        ).items():
+        )
+        for key, value in self.thresholds.items():
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"{key} must be in [0, 1], got {value!r}")
         self.optimizer = unwrap_optimizer(optimizer)
@@ -158,14 +159,6 @@ class GaLoreDiagnostics:
                     self.params.append((p, group, names.get(id(p), f"param{i}")))
                 i += 1
         self.with_optimal = with_optimal
-        self.thresholds = dict(
-            low_energy=low_energy,
-            high_energy=high_energy,
-            stale_ratio=stale_ratio,
-            low_drift=low_drift,
-            high_drift=high_drift,
-            method_shortfall=method_shortfall,
-        )
         self.tracks: dict[str, _Track] = {}
         self.steps_observed = 0
         self._handle = None

@@ -122,7 +122,7 @@ class NTKCallback(AnalysisCallback):
 
 class ActivationSparsityCallback(AnalysisCallback):
     """Fraction of active ReLU units on a probe batch (see
-    :func:`~galore_opt.analysis.bias_sparsity.activation_sparsity`); ``expected_at_init`` is added
+    :func:`~galore_opt.analysis.bias_sparsity.relu_activity`); ``expected_at_init`` is added
     for a :class:`~galore_opt.analysis.bias_sparsity.BiasSparseMLP` (``P(N(0,1) >= B)``).
 
     Args:
@@ -144,10 +144,10 @@ class ActivationSparsityCallback(AnalysisCallback):
         self.modules = list(modules) if modules is not None else None
 
     def compute(self, model: nn.Module, optimizer=None, batch=None) -> dict[str, Any]:
-        from .bias_sparsity import BiasSparseMLP, activation_sparsity, active_probability
+        from .bias_sparsity import BiasSparseMLP, active_probability, relu_activity
 
         model.eval()
-        out = dict(activation_sparsity(model, self.probe_x, self.modules))
+        out = dict(relu_activity(model, self.probe_x, self.modules))
         if isinstance(model, BiasSparseMLP):
             out["expected_at_init"] = float(active_probability(model.bias_value))
         return out

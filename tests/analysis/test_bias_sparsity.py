@@ -10,11 +10,11 @@ from torch import nn
 
 from galore_opt.analysis.bias_sparsity import (
     BiasSparseMLP,
-    activation_sparsity,
     active_probability,
     bias_ntk_limit,
     first_layer_ntk,
     orthant_probability,
+    relu_activity,
 )
 from galore_opt.analysis.ntk import empirical_ntk
 
@@ -57,7 +57,7 @@ def test_h0_is_the_arc_cosine_formula():
 @pytest.mark.parametrize("bias", [0.0, 1.0, 2.0])
 def test_active_fraction_at_init_matches_gaussian_tail(bias):
     net = BiasSparseMLP(16, 20000, bias, generator=torch.Generator().manual_seed(3), dtype=DT)
-    stats = activation_sparsity(net, unit_inputs(64, 16, seed=4))
+    stats = relu_activity(net, unit_inputs(64, 16, seed=4))
     assert abs(stats["active_fraction"] - float(active_probability(bias))) < 0.01
     assert stats["per_layer"] == {"act": stats["active_fraction"]}
     assert not net.act._forward_hooks  # the probe's hooks are gone
@@ -95,7 +95,7 @@ def test_activation_sparsity_on_hand_built_network():
         net[2].weight.copy_(torch.tensor([[1.0, 1.0, 0.0], [-1.0, 0.0, 0.0]]))
         net[2].bias.zero_()
     x = torch.tensor([[1.0, 2.0], [-1.0, 0.5]], dtype=DT)
-    s = activation_sparsity(net, x)
+    s = relu_activity(net, x)
     # layer 1: (1,2,-3) -> [1,1,0], (-1,.5,.5) -> [0,1,1]; layer 2: (1,2,0) -> (3,-1): [1,0],
     # (0,.5,.5) -> (.5,0): [1,0]
     assert s["per_layer"] == {"1": pytest.approx(4 / 6), "3": pytest.approx(2 / 4)}
@@ -112,4 +112,4 @@ def test_validation():
     with pytest.raises(ValueError, match="n_nodes.*4"):
         orthant_probability(torch.zeros(1), 1.0, n_nodes=4)
     with pytest.raises(ValueError, match="no nn.ReLU"):
-        activation_sparsity(nn.Linear(2, 2), torch.zeros(1, 2))
+        relu_activity(nn.Linear(2, 2), torch.zeros(1, 2))
