@@ -202,7 +202,13 @@ def _check_tensor(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...], numel: 
 
 # --- nearest-code search ---------------------------------------------------------------------------
 
-_BUCKET_TABLES: dict[tuple[torch.device, bytes], tuple[Tensor, Tensor, int]] = {}
+# Looked up by identity first: id(code) -> (code, its version counter, table); the entry holds the
+# map tensor itself, so its id cannot be reused while cached, and a map modified in place (new
+# version) is looked up again. Reading a CUDA map's values would synchronize the device, so the
+# value-keyed cache (for a new tensor with known values, e.g. a fresh dynamic_map() copy) is
+# consulted only on an identity miss.
+_BUCKET_TABLES: dict[int, tuple[Tensor, int, tuple[Tensor, Tensor, int]]] = {}
+_BUCKET_TABLES_BY_VALUE: dict[tuple[torch.device, bytes], tuple[Tensor, Tensor, int]] = {}
 
 
 def _bucket_table(code: Tensor) -> tuple[Tensor, Tensor, int]:
@@ -215,10 +221,23 @@ def _bucket_table(code: Tensor) -> tuple[Tensor, Tensor, int]:
     in the bucket below v)``: ``corrections`` compare-and-step passes, each a gather, instead of
     the binary search's eight dependent ones.
     """
-    key = (code.device, code.detach().cpu().numpy().tobytes())
-    hit = _BUCKET_TABLES.get(key)
-    if hit is not None:
-        return hit
+    hit = _BUCKET_TABLES.get(id(code))
+    if hit is not None and hit[0] is code and hit[1] == code._version:
+        return hit[2]
+    if len(_BUCKET_TABLES) > 16:
+        _BUCKET_TABLES.clear()
+    value_key = (code.device, code.detach().cpu().numpy().tobytes())
+    entry = _BUCKET_TABLES_BY_VALUE.get(value_key)
+    if entry is None:
+        entry = _build_bucket_table(code)
+        if len(_BUCKET_TABLES_BY_VALUE) > 16:
+            _BUCKET_TABLES_BY_VALUE.clear()
+        _BUCKET_TABLES_BY_VALUE[value_key] = entry
+    _BUCKET_TABLES[id(code)] = (code, code._version, entry)
+    return entry
+
+
+def _build_bucket_table(code: Tensor) -> tuple[Tensor, Tensor, int]:
     b = torch.arange(65536, dtype=torch.int32)
     edge_a = (b << 16).view(torch.float32)
     edge_b = ((b << 16) | 0xFFFF).view(torch.float32)  # the bucket's other end (same sign)
@@ -230,11 +249,7 @@ def _bucket_table(code: Tensor) -> tuple[Tensor, Tensor, int]:
     corrections = int(inside[finite].max()) if finite.any() else 0
     # one padding value above every code so that a corrected index can be looked up
     padded = torch.cat([code_cpu, torch.tensor([math.inf])])
-    entry = (first.to(torch.int32).to(code.device), padded.to(code.device), corrections)
-    if len(_BUCKET_TABLES) > 16:
-        _BUCKET_TABLES.clear()
-    _BUCKET_TABLES[key] = entry
-    return entry
+    return first.to(torch.int32).to(code.device), padded.to(code.device), corrections
 
 
 def _searchsorted_into(code: Tensor, v: Tensor, out: Tensor, scratch: Tensor, mask: Tensor) -> None:
