@@ -17,6 +17,7 @@ and projects the normalized update back, scaled by ``scale``.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -25,26 +26,13 @@ from ..projector import project, project_back
 
 
 def adamw_update(
-    param: Tensor,
-    grad: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    step_t: Tensor,
-    *,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    numerics: str = "torch",
-    correct_bias: bool = True,
+    param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, **hyper: Any
 ) -> None:
-    """One AdamW step of a full-size parameter, in place (``step_t`` is incremented)."""
+    """One AdamW step of a full-size parameter, in place: ``step_t`` is incremented, then
+    :func:`adamw_apply` (keyword arguments: ``lr``, ``beta1``, ``beta2``, ``eps``,
+    ``weight_decay``, ``numerics``, ``correct_bias``)."""
     step_t += 1
-    adamw_apply(
-        param, grad, exp_avg, exp_avg_sq, step_t.item(), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, numerics=numerics, correct_bias=correct_bias,
-    )  # fmt: skip
+    adamw_apply(param, grad, exp_avg, exp_avg_sq, step_t.item(), **hyper)
 
 
 def adamw_apply(
