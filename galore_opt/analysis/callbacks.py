@@ -16,7 +16,6 @@ unless a callback is attached, so training without callbacks costs nothing.
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -90,9 +89,7 @@ def _jsonable(value):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
-    return value
+    return value  # non-finite floats are written as NaN / Infinity (Python's json reads them back)
 
 
 def flatten_metrics(prefix: str, metrics: Mapping[str, Any]) -> dict[str, float]:
