@@ -13,7 +13,8 @@ import torch
 from torch import Tensor
 
 from .. import config as C
-from ..projector import choose_side, compute_basis, refresh_seed
+from ..functional.adamw import bases_for_compute
+from ..projector import choose_side, compute_basis, project, refresh_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -136,9 +137,6 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def project_gradient(self, p: Tensor, grad: Tensor) -> Tensor:
         """``grad`` projected with ``p``'s current basis, in fp32 (see
         :meth:`low_rank_accumulation_ready`)."""
-        from ..functional.adamw import bases_for_compute
-        from ..projector import project
-
         state = self.state[p]
         left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
         g = self._as_matrix(grad).float()
