@@ -141,6 +141,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             and not (block & (block - 1) or block < 16)
             and resolve_impl(group["impl"], p.device, self._kernel) == "triton"
         )
+        if use_kernel:
+            from galore_opt.kernels.adamw8bit import fused_adamw8bit
         step_t = state[C.STEP]
         step_t += 1
         step = step_t.item()
@@ -156,8 +158,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             codes_m, codes_v = m_codes[start:stop], v_codes[start:stop]
             amax_m, amax_v = m_absmax[b0:b1], v_absmax[b0:b1]
             if use_kernel:
-                from galore_opt.kernels.adamw8bit import fused_adamw8bit
-
                 norm = fused_adamw8bit(
                     gc, codes_m, amax_m, codes_v, amax_v, signed, unsigned, beta1=beta1, beta2=hyper["beta2"],
                     eps=hyper["eps"], step=step, block_size=block, out_dtype=torch.float32,
