@@ -198,7 +198,7 @@ def inner_optimizers(opt: torch.optim.Optimizer) -> list[torch.optim.Optimizer]:
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
     """Optimizer-state bytes (a layer-wise wrapper: its inner optimizers' and its own buffers)."""
-    total = sum(galore_opt.optimizer_state_bytes(o) for o in inner_optimizers(opt))
+    total = galore_opt.optimizer_state_bytes(opt)  # a LayerwiseOptimizer's state is its inner ones'
     if isinstance(opt, LayerwiseOptimizer):
         total += C.tensor_bytes(opt._low_rank.values())
     return total
