@@ -96,6 +96,57 @@ def test_align_rotates_within_the_span_towards_the_previous_basis():
     assert captured_energy(g, left) == pytest.approx(captured_energy(g, aligned), abs=1e-5)
 
 
+@pytest.mark.parametrize("angle", [1e-3, 1e-2, 0.1, 1.0])
+def test_align_is_gram_schmidt_of_the_projected_previous_basis(angle):
+    """The aligned basis spans the new subspace, its overlap with the previous basis is upper
+    triangular with a positive diagonal, and it agrees with the orthogonal-Procrustes rotation to
+    second order in the principal angles."""
+    from galore_opt.projector import _align
+
+    torch.manual_seed(0)
+    m, r = 40, 5
+    basis = torch.linalg.qr(torch.randn(m, 2 * r, dtype=torch.float64)).Q
+    prev = basis[:, :r]
+    # tilt the span by about `angle` towards the complement (generic principal vectors), then
+    # scramble its coordinates
+    tilt = torch.randn(r, r, dtype=torch.float64) / r**0.5
+    moved = prev + angle * basis[:, r:] @ tilt
+    new = torch.linalg.qr(moved @ torch.linalg.qr(torch.randn(r, r, dtype=torch.float64)).Q).Q
+    out = _align(new, prev)
+    torch.testing.assert_close(out.t() @ out, torch.eye(r, dtype=torch.float64), atol=1e-12, rtol=0)
+    torch.testing.assert_close(out @ out.t(), new @ new.t(), atol=1e-12, rtol=0)  # same span
+    t = out.t() @ prev
+    torch.testing.assert_close(torch.tril(t, -1), torch.zeros_like(t), atol=1e-12, rtol=0)
+    assert (torch.diagonal(t) > 0).all()
+    u, _, vh = torch.linalg.svd(new.t() @ prev)
+    procrustes = new @ (u @ vh)
+    gap = float((out - procrustes).norm())
+    assert gap <= 2 * angle**2, (gap, angle)  # measured: 0.93 angle^2
+    assert float((new - procrustes).norm()) > 0.5  # unaligned, the coordinates are scrambled
+
+
+def test_power_refresh_reuses_the_projected_gradient():
+    g = _low_rank_plus_noise(30, 50)
+    for side in (C.LEFT, C.RIGHT):
+        a = g if side == C.LEFT else g.t().contiguous()
+        cold = compute_basis(a, 6, side, "randomized", seed=1)
+        prev_l, prev_r = cold
+        low = prev_l.t() @ a if side == C.LEFT else a @ prev_r.t()
+        kw = dict(prev_left=prev_l, prev_right=prev_r, align=True)
+        base_l, base_r = compute_basis(a, 6, side, "power", **kw)
+        got_l, got_r = compute_basis(a, 6, side, "power", projected=low, **kw)
+        for x, y in ((base_l, got_l), (base_r, got_r)):
+            assert (x is None) == (y is None)
+            if x is not None:
+                torch.testing.assert_close(x, y, atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="projected"):
+            compute_basis(a, 6, side, "power", projected=low.t().contiguous() if low.shape[0] != low.shape[1] else low[:1], **kw)
+        with pytest.raises(ValueError, match="projected"):
+            compute_basis(a, 6, side, "power", projected=low.double(), **kw)
+        # other methods ignore it
+        compute_basis(a, 6, side, "svd", projected=low, **kw)
+
+
 def test_randomized_is_deterministic_in_its_seed_and_ignores_the_global_rng():
     g = torch.randn(30, 40)
     a = compute_basis(g, 5, C.LEFT, "randomized", seed=11)[0]
