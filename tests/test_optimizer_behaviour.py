@@ -162,3 +162,55 @@ def test_param_groups_take_the_parameter_of_a_pruned_linear():
     model(torch.randn(8, 16)).square().mean().backward()
     opt.step()
     assert (model[0].weight[model[0].weight_mask == 0] == 0).all()
+
+
+@pytest.mark.parametrize("shape", [(10, 16), (16, 10)])  # left and right bases
+def test_warm_refresh_takes_effect_from_the_next_step(shape):
+    """Torch numerics: on a warm refresh step the update uses the current basis, and the new basis
+    is the power method's result on that same gradient, seeded by the step it was due at."""
+    from galore_opt.functional import galore_adamw_update
+    from galore_opt.projector import compute_basis, refresh_seed
+
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(shape))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 3, "stagger_refresh": False}],
+                      lr=1e-2, weight_decay=0.1, seed=7)
+    _step_with_random_grads(opt, [w], 3)  # steps 0 (cold), 1, 2
+    state = opt.state[w]
+    key = C.BASIS_LEFT if shape[0] <= shape[1] else C.BASIS_RIGHT
+    old = state[key].clone()
+    expect_w = w.detach().clone()
+    m, v, step = state[C.EXP_AVG].clone(), state[C.EXP_AVG_SQ].clone(), state[C.STEP].clone()
+    w.grad = torch.randn(shape)
+    galore_adamw_update(expect_w, w.grad, m, v, step, old if key == C.BASIS_LEFT else None,
+                        old if key == C.BASIS_RIGHT else None, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                        weight_decay=0.1, scale=0.25)
+    new = compute_basis(w.grad, 3, C.LEFT if key == C.BASIS_LEFT else C.RIGHT, "power",
+                        prev_left=old if key == C.BASIS_LEFT else None,
+                        prev_right=old if key == C.BASIS_RIGHT else None,
+                        seed=refresh_seed(7, 0, 3), align=True)
+    opt.step()  # step count 3: the refresh is due
+    torch.testing.assert_close(w.detach(), expect_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(state[C.EXP_AVG], m, rtol=0, atol=1e-7)
+    torch.testing.assert_close(state[C.EXP_AVG_SQ], v, rtol=0, atol=1e-9)
+    torch.testing.assert_close(state[key], new[0] if key == C.BASIS_LEFT else new[1], rtol=0, atol=1e-5)
+    assert not torch.allclose(state[key], old)
+
+
+def test_galore_torch_numerics_refresh_before_the_update(monkeypatch):
+    """galore_torch numerics keep galore-torch's order: refresh, then project with the new basis."""
+    w = nn.Parameter(torch.randn(10, 16))
+    opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 2}], numerics="galore_torch")
+    order = []
+    real_basis, real_update = base.compute_basis, __import__("galore_opt.optim.galore_adamw", fromlist=["x"])
+    monkeypatch.setattr(base, "compute_basis", lambda *a, **k: order.append("refresh") or real_basis(*a, **k))
+    real = real_update.galore_adamw_update
+    monkeypatch.setattr(real_update, "galore_adamw_update", lambda *a, **k: order.append("update") or real(*a, **k))
+    _step_with_random_grads(opt, [w], 3)
+    assert order == ["refresh", "update", "update", "refresh", "update"]
+    # torch numerics: the cold refresh comes first, a warm one after the update
+    order.clear()
+    v = nn.Parameter(torch.randn(10, 16))
+    opt = GaLoreAdamW([{"params": [v], "rank": 3, "update_proj_gap": 2, "stagger_refresh": False}])
+    _step_with_random_grads(opt, [v], 3)
+    assert order == ["refresh", "update", "update", "update", "refresh"]

@@ -23,7 +23,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose param groups with a ``rank`` key are GaLore
     groups (galore-torch's convention); all other groups are updated in full.
 
-    Subclasses implement :meth:`step` with :meth:`_iter_params` and :meth:`_refresh_if_due`.
+    Subclasses implement :meth:`step` with :meth:`_iter_params`, :meth:`_refresh_if_due` before the
+    update and :meth:`_refresh` after it when that deferred the refresh.
     """
 
     #: state keys that ``load_state_dict`` keeps in their saved dtype (and the refresh offset on
@@ -197,8 +198,35 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         offset = int(state[C.REFRESH_OFFSET].item()) if C.REFRESH_OFFSET in state else 0
         return step >= gap and (step - offset) % gap == 0
 
-    def _refresh_if_due(self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str) -> None:
-        """Recompute the basis of ``p`` from its 2-D gradient when the schedule says so.
+    def _refresh_if_due(self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str) -> int | None:
+        """Before the update: recompute the basis of ``p`` from its 2-D gradient when the schedule
+        says so, or defer that refresh to after the update.
+
+        A *warm* refresh (a basis exists) under torch numerics is deferred: this step's update
+        still uses the current basis, and the new one, computed from the same gradient, takes
+        effect from the next step. The update's projected gradient ``P^T G`` is then also the
+        power method's first product (one ``m x n x r`` GEMM fewer per refresh), and the moments,
+        built in the current basis, take this step's gradient in that basis before being carried
+        over. Returns the step count to pass to :meth:`_refresh` after the update, or ``None``
+        (nothing due, or refreshed now: a cold start, or galore_torch numerics, which follow
+        galore-torch: refresh first, then project with the new basis).
+        """
+        state = self.state[p]
+        if not self._refresh_due(state, group, side):
+            return None
+        step = int(state[C.STEP].item())
+        if group["numerics"] == "torch" and (C.BASIS_LEFT in state or C.BASIS_RIGHT in state):
+            return step
+        self._refresh(p, grad, group, index, side, step)
+        return None
+
+    def _refresh(
+        self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str, step: int,
+        projected: Tensor | None = None,
+    ) -> None:
+        """Recompute the basis of ``p`` from its 2-D gradient (``step``: the step count the refresh
+        was due at, which seeds it). ``projected``: ``grad`` projected with the current basis, in
+        fp32 (see :func:`galore_opt.projector.compute_basis`).
 
         A gradient with NaN/Inf never reaches the basis: the previous basis is kept (its next
         scheduled refresh tries again); on a cold start the non-finite entries are zeroed first.
@@ -208,15 +236,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         count as non-finite too.
         """
         state = self.state[p]
-        if not self._refresh_due(state, group, side):
-            return
         prev_left, prev_right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
         cold = prev_left is None and prev_right is None
         if not bool(torch.isfinite(grad.sum())):
             if not cold:
                 return
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
-        step = int(state[C.STEP].item())
+        if projected is not None and (projected.dtype != torch.float32 or side not in (C.LEFT, C.RIGHT)):
+            projected = None  # the basis is computed in fp32 from the fp32 gradient
         left, right = compute_basis(
             grad,
             group["rank"],
@@ -228,6 +255,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             oversample=group["oversample"],
             seed=refresh_seed(self.defaults.get("seed", 0), index, step),
             align=group["align_basis"],
+            projected=projected,
         )
         dtype = _DTYPES[group["basis_dtype"]] if group["basis_dtype"] else p.dtype
         if left is not None:

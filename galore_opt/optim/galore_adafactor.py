@@ -152,8 +152,9 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
                 if galore:
                     self._init_galore_offset(p, group)
+            deferred = None
             if galore:
-                self._refresh_if_due(p, grad, group, index, side)
+                deferred = self._refresh_if_due(p, grad, group, index, side)
                 resolve_impl(group["impl"], p.device, None)
             adafactor_update(
                 param,
@@ -166,4 +167,6 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 scale=group.get("scale", 1.0),
                 **hyper,
             )
+            if deferred is not None:
+                self._refresh(p, grad, group, index, side, deferred)
         return loss

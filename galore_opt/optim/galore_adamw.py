@@ -60,7 +60,11 @@ class GaLoreAdamW(GaLoreOptimizer):
     Notes:
         ``rank >= min(m, n)`` under torch numerics updates that parameter in full (the AdamW
         update times ``scale``; a warning says so); under galore_torch numerics the rank is
-        clipped to ``min(m, n)`` as galore-torch does. Moments are kept across a refresh.
+        clipped to ``min(m, n)`` as galore-torch does. Moments are kept across a refresh. Under
+        torch numerics a warm refresh takes effect from the next step: the refresh step's update
+        uses the current basis, whose projected gradient ``P^T G`` is also the first product of
+        the power iteration that computes the new basis from the same gradient (galore_torch
+        numerics refresh first and project with the new basis, as galore-torch does).
         The optimizer state holds tensors only and loads with ``torch.load(weights_only=True)``.
     """
 
@@ -201,6 +205,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             return
         param = self._as_matrix(p)
         side = self._side(p, group)
+        deferred = None
         if low_rank_grad is None:
             if p.grad is None:
                 return
@@ -209,14 +214,27 @@ class GaLoreAdamW(GaLoreOptimizer):
                 state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
                 self._init_moments(state, p, self._low_rank_shape(p, group, side), group)
                 self._init_galore_offset(p, group)
-            self._refresh_if_due(p, grad, group, index, side)
+            deferred = self._refresh_if_due(p, grad, group, index, side)
         else:
             if not self.low_rank_accumulation_ready(p):
                 raise RuntimeError("a projected gradient was given for a parameter whose basis is due for a refresh")
             grad = None
         left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
+        low = low_rank_grad
+        if deferred is not None:
+            # the update's projected gradient is also the refresh's first product
+            left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
+            low = project(grad.to(compute_dtype), left_c, right_c)
+        self._update(group, p, param, grad, state, left, right, low, hyper)
+        if deferred is not None:
+            self._refresh(p, grad, group, index, side, deferred, projected=low)
+
+    def _update(self, group, p, param, grad, state, left, right, low, hyper) -> None:
+        """The GaLore update of the 2-D ``param`` with the bases ``left`` / ``right``: the fused
+        Triton path when the dispatch picks it and it applies, else the reference path. ``low``:
+        the gradient already projected (``grad`` is then not read)."""
         if resolve_impl(group["impl"], p.device, self._kernel) == "triton" and self._fused_galore_step(
-            param, grad, state, left, right, group, low_rank_grad
+            param, grad, state, left, right, group, low
         ):
             return
         exp_avg, exp_avg_sq = self._load_moments(state)
@@ -229,7 +247,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             left,
             right,
             scale=group["scale"],
-            low=low_rank_grad,
+            low=low,
             **hyper,
         )
         self._store_moments(state, exp_avg, exp_avg_sq)
@@ -238,7 +256,8 @@ class GaLoreAdamW(GaLoreOptimizer):
         """A GaLore step of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh).
 
         Refresh: the gradient is all-gathered on the steps that refresh the basis (only those),
-        and every rank computes the same basis (seeded from step and parameter). Left basis
+        and every rank computes the same basis (seeded from step and parameter), after the
+        update when the refresh is deferred (see :meth:`_refresh_if_due`). Left basis
         ``P`` (m x r, kept whole on every rank): the projected gradient is the all-reduced sum of
         the ranks' ``P_k^T G_k`` (r x n), the moments are r x n and replicated, and each rank
         updates its rows with ``P_k N``. Right basis ``Q`` (r x n, replicated): each rank projects
@@ -278,8 +297,10 @@ class GaLoreAdamW(GaLoreOptimizer):
                     state[key] = torch.zeros(shape, dtype=p.dtype, device=p.to_local().device)
             self._init_galore_offset(p, group)
         grad = p.grad
+        deferred = None
         if self._refresh_due(state, group, side):
-            self._refresh_if_due(p, grad.full_tensor(), group, index, side)
+            full = grad.full_tensor()
+            deferred = self._refresh_if_due(p, full, group, index, side)
             side = self._side(p, group)
         local_w, local_g = p.to_local(), grad.to_local()
         rows = _local_rows(p)
@@ -294,13 +315,17 @@ class GaLoreAdamW(GaLoreOptimizer):
             torch.distributed.all_reduce(low, group=mesh.get_group())
             galore_adamw_update(local_w, None, exp_avg, exp_avg_sq, state[C.STEP], left_rows, None,
                                 scale=group["scale"], low=low, **hyper)  # fmt: skip
+            projected = low  # the whole P^T G, the same on every rank
         elif side == C.RIGHT:
             _, right_c, compute_dtype = bases_for_compute(local_g, None, right)
             low = local_g.to(compute_dtype) @ right_c.t()  # these rows of G Q^T
             galore_adamw_update(local_w, None, exp_avg, exp_avg_sq, state[C.STEP], None, right,
                                 scale=group["scale"], low=low, **hyper)  # fmt: skip
+            projected = None  # only this rank's rows of G Q^T
         else:
             raise NotImplementedError(f"GaLore on DTensor parameters supports the left and right sides, not {side!r}")
+        if deferred is not None:
+            self._refresh(p, full, group, index, side, deferred, projected=projected)
 
     # Moment storage; GaLoreAdamW8bit overrides these three to keep the moments in 8 bits.
 
