@@ -86,8 +86,8 @@ Workspace (each measured on the CPU with the profiler's allocation events, see :
   range finder of the cold start (``(0.75 max + 1.7 min) r 4`` for the warm power iteration), or
   the update: 3 low-rank tensors (8-bit: the fp32 dequantized moments and intermediates, 20-22
   bytes per low-rank element); a full-size parameter of ``GaLoreAdamW8bit`` (embeddings, head)
-  is updated through fp32 copies of its moments and gradient: 20 bytes per element in bf16 on
-  CUDA (24 on the CPU, 16 in fp32), i.e. 2.4 GiB for LLaMA-7B's head.
+  is updated in slices of ``GaLoreAdamW8bit.FULL_CHUNK`` elements through fp32 copies of the
+  slice's moments and gradient (:func:`_adamw8bit_full_workspace`).
 
 Everything assumes one device, no tensor/pipeline/data parallel sharding, and allocator-exact
 accounting: a CUDA caching allocator rounds blocks up and fragments, and CUDA context, cuBLAS and
@@ -616,17 +616,17 @@ def _refresh_workspace(m: int, n: int, rank: int, d: int, kind: bool | str = Tru
 def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
     """GaLoreAdamW8bit's reference update of a full-size parameter. Small (fp32-moment)
     parameters: the fp32 gradient (4 bytes per element, when the parameter is not fp32),
-    ``sqrt(v)`` and the denominator (8); on the CPU a bf16 parameter's ``addcdiv_`` with fp32
-    operands adds two fp32 temporaries (8; TensorIterator promotes through temporaries on the CPU
-    only, CUDA kernels cast in registers). 8-bit parameters are updated in slices of
+    ``sqrt(v)``, divided and shifted in place into the denominator (4); on the CPU a bf16
+    parameter's ``addcdiv_`` with fp32 operands adds two fp32 temporaries (8; TensorIterator
+    promotes through temporaries on the CPU only, CUDA kernels cast in registers). 8-bit parameters are updated in slices of
     ``GaLoreAdamW8bit.FULL_CHUNK`` (= ``quant.DEFAULT_CHUNK_SIZE``) elements: the same per slice
     element plus the slice's fp32 moments (8) and the requantization scratch (21)."""
     cast = 4 if d != 4 else 0
     promote = 8 if d != 4 and device == "cpu" else 0
     if numel < SMALL_TENSOR_THRESHOLD:  # fp32 moments stored as they are
-        return cast * numel + max(8 * numel, (4 + promote) * numel)
+        return cast * numel + (4 + promote) * numel
     c = min(DEFAULT_CHUNK_SIZE, numel)
-    update = cast * c + max(8 * c, (4 + promote) * c)
+    update = cast * c + (4 + promote) * c
     # requantization: the quantizer's 17 bytes per element and one more fp32 slice (measured on
     # the CPU for fp32 and bf16: 29 bytes per slice element in all)
     return 8 * c + max(update, 21 * c)
@@ -642,20 +642,23 @@ def step_workspace_bytes(
 
     torch AdamW: ``sqrt(v)`` and the denominator (for-loop implementation, the CPU default); on
     CUDA torch defaults to the foreach implementation, whose ``sqrt`` of every moment exists at
-    once (:func:`estimate_memory` sums it over the parameters). GaLore: the larger of the refresh
+    once (:func:`estimate_memory` sums it over the parameters). GaLoreAdamW's full-size
+    parameters: ``sqrt(v)`` only (divided and shifted in place). GaLore: the larger of the refresh
     (``refresh=True``) and the update: the projected gradient, denominator and normalized update
     (3 low-rank tensors in the parameter's dtype); 8-bit: the fp32 dequantized moments and
     intermediates (20-22 bytes per low-rank element) and, for fp32 parameters, an fp32 copy of
     the bf16 basis; Adafactor: the projected gradient, the variance estimate and the full-size
     update projected back. Full-size parameters of GaLoreAdamW8bit (embeddings, head) run the
-    reference 8-bit update: fp32 moments and temporaries, 16-20 bytes per element (24 for bf16 on
+    reference 8-bit update: fp32 moments and temporaries, 12-16 bytes per element (24 for bf16 on
     the CPU).
     """
     d = DTYPES[dtype]
     n_el = p.numel
     galore = p.galore and optimizer in GALORE_OPTIMIZERS
-    if optimizer == "adamw" or (optimizer == "galore-adamw" and not galore):
-        return (1 if device == "cuda" and optimizer == "adamw" else 2) * d * n_el
+    if optimizer == "adamw":
+        return (1 if device == "cuda" else 2) * d * n_el
+    if optimizer == "galore-adamw" and not galore:  # sqrt(v), divided and eps added in place
+        return d * n_el
     if optimizer == "adamw8bit":
         return 0 if device == "cuda" else _adamw8bit_full_workspace(n_el, d, device)  # bitsandbytes' kernel: none
     if optimizer == "galore-adamw8bit" and not galore:

@@ -60,7 +60,9 @@ def adamw_apply(
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         step_size = lr / bias_correction1
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        # torch's (sqrt(v) / sqrt(bc2)).add_(eps) with the division in place: the same kernel and
+        # values, one full-size temporary instead of two
+        denom = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
         return
     exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
@@ -141,7 +143,7 @@ def galore_adamw_update(
         exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
-        denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
+        denom = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
         add_projected_back(param, exp_avg / denom, left_c, right_c, alpha=-lr * scale / bias_correction1)
         return
 
