@@ -26,28 +26,33 @@ GaLore settings: the paper's recipe (rank 60m 128, 130m/350m 256, 1b 512, 7b 102
 embeddings, norms and head get plain AdamW inside the same optimizer.
 
 Measured per (size, optimizer), on a fresh copy of the same initial model, in one run: the first
-step (state creation and the cold refresh: the *first-step stall*), ``--warmup`` steps, ``--steps``
-timed steady steps (no refresh among them: median), then the refresh step. The optimizer is built
-with ``update_proj_gap = 1 + warmup + steps`` and (ours) ``stagger_refresh=False``, so every GaLore
-matrix refreshes on the step right after the steady window, as galore-torch's do every gap; that
-the basis really changed on that step is checked (up to 3 more steps are tried, and a row without
-a refresh says so).
+step (state creation and the cold refresh: the *first-step stall*), ``--warmup`` steps, then
+``--steps`` timed steps. GaLore optimizers are built with ``update_proj_gap = --refresh-every``
+(default 5) and (ours) ``stagger_refresh=False``, so every GaLore matrix refreshes on the same
+steps, as galore-torch's do every gap: with the defaults, 4 of the 20 timed steps refresh and 16
+are steady. A timed step counts as a refresh step when the basis changed during it (checked on the
+first GaLore matrix, not assumed from the schedule; a row whose refreshes fell elsewhere than
+scheduled says so in ``note``).
 
 Memory: the peak over the first + warm-up steps (the first step creates the state and runs the
-cold refresh) and, on CUDA, over the refresh step. CUDA: ``torch.cuda.max_memory_allocated``
+cold refresh) and, on CUDA, over the timed steps. CUDA: ``torch.cuda.max_memory_allocated``
 (weights included). CPU: the bytes of the weights plus ``galore_opt.memory.measure_peak_bytes``
 (the allocator's events recorded by ``torch.profiler``, summed in time order), so the first and
-warm-up steps run under the profiler; the steady and refresh steps, which are timed, do not. The optimizer-state bytes (``galore_opt.optimizer_state_bytes``;
-layer-wise: of the inner optimizers) are read after the warm-up.
+warm-up steps run under the profiler; the timed steps do not. The optimizer-state bytes
+(``galore_opt.optimizer_state_bytes``; layer-wise: of the inner optimizers) are read after the
+warm-up.
 
 Reported: tokens/s over the steady steps (median step time), and with the refresh amortized at the
-configured gap ``G`` (200): ``step_eff = steady + (refresh - steady) / G``, tokens/s = tokens per step
-/ ``step_eff``. Our default staggers refreshes (1/G of the matrices per step), which spreads the
-same work over the gap instead of stalling one step; the amortized figure is the same. The
-*refresh stall* is the refresh step's ``optimizer.step()`` time minus the median steady one (the
-forward and backward, identical in both and noisy on a shared machine, are left out); for the
-layer-wise rows, whose update runs inside backward, the whole refresh step minus the median steady
-step.
+configured gap ``G`` (``--gap``, default the paper's 200): ``step_eff = steady + stall / G``,
+tokens/s = tokens per step / ``step_eff``. Our default staggers refreshes (1/G of the matrices per
+step), which spreads the same work over the gap instead of stalling one step; the amortized figure
+is the same. The *refresh stall* is the median refresh step's ``optimizer.step()`` time minus the
+median steady one (the forward and backward, identical in both and noisy on a shared machine, are
+left out); for the layer-wise rows, whose update runs inside backward, the median whole refresh
+step minus the median steady step. Our default (``numerics="torch"``) applies a warm refresh from
+the step after it (``GaLoreOptimizer._refresh_if_due``); galore-torch refreshes before projecting.
+Both compute the new basis from the refresh step's gradient, inside that step's
+``optimizer.step()``.
 
 CPU threads: 1 by default (``--threads``). On a machine shared with other jobs, two OpenMP threads
 fighting another process for two cores made a 60M step 5-10x slower than one thread (3-10 s
@@ -248,43 +253,43 @@ def timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
 
 def measure(kind: str, proto: torch.nn.Module, batches: list[torch.Tensor], rank: int,
             args: argparse.Namespace, tick: Callable[[str], None]) -> dict[str, Any]:
-    """One run of ``kind`` on a fresh copy of ``proto``: the first step, ``--warmup`` steps,
-    ``--steps`` timed steady steps and the refresh step right after them; the peak memory of the
-    first + warm-up steps and of the refresh step (see the module docstring)."""
+    """One run of ``kind`` on a fresh copy of ``proto``: the first step, ``--warmup`` steps and
+    ``--steps`` timed steps, among them the refresh steps (GaLore: every ``--refresh-every``
+    steps); the peak memory of the first + warm-up steps and, on CUDA, of the timed steps (see
+    the module docstring)."""
     from torch.profiler import record_function
 
     cuda = torch.device(args.device).type == "cuda"
-    refresh_at = 1 + args.warmup + args.steps
-    model, opt = make_run(kind, proto, rank=rank, gap=refresh_at, lr=args.lr, device=args.device, seed=args.seed)
+    galore = kind in GALORE_KINDS
+    model, opt = make_run(kind, proto, rank=rank, gap=args.refresh_every, lr=args.lr, device=args.device,
+                          seed=args.seed)
     weights = C.tensor_bytes([*model.parameters(), *model.buffers()])
     nb = len(batches)
     out: dict[str, Any] = {"weights_bytes": weights,
                            "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
-    opt_times: dict[str, Any] = {"steady": []}
-
-    def step(i: int, region: str | None = None) -> tuple[float, torch.Tensor]:
+    def step(i: int, region: str | None = None) -> tuple[float, float, torch.Tensor]:
+        """(whole step s, optimizer.step() s, loss)"""
         if region is None:
             t, (loss, opt_s) = timed(lambda: train_step(model, opt, batches[i % nb], args.device), args.device)
         else:
             with record_function(f"##{region}"):
                 t, (loss, opt_s) = timed(lambda: train_step(model, opt, batches[i % nb], args.device), args.device)
-        opt_times["last"] = opt_s
-        return t, loss
+        return t, opt_s, loss
 
     # first step and warm-up: on the CPU under the memory profiler (its overhead is per operator,
     # milliseconds against seconds-long steps); on CUDA max_memory_allocated
     times: dict[str, Any] = {}
 
     def start() -> None:
-        times["first"], loss = step(0, "first")
+        times["first"], _, loss = step(0, "first")
         tick(f"{float(loss):.3f}")
         for i in range(args.warmup):
             step(1 + i, "warmup")
             tick("")
 
+    dev = torch.device(args.device)
     if cuda:
-        dev = torch.device(args.device)
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         start()
@@ -295,42 +300,42 @@ def measure(kind: str, proto: torch.nn.Module, batches: list[torch.Tensor], rank
     out["first_step_s"] = times["first"]
     out["state_bytes"] = state_bytes(opt)
 
-    steady = []
+    # timed steps, without the profiler (its per-operator cost would inflate a refresh made of many
+    # small operations more than one made of a few SVDs). A step is a refresh step when the basis
+    # changed during it (checked, not assumed from the schedule).
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    steady: list[float] = []
+    steady_opt: list[float] = []
+    refresh: list[float] = []
+    refresh_opt: list[float] = []
+    refresh_index: list[int] = []
     loss = None
     for i in range(args.steps):
-        t, loss = step(1 + args.warmup + i)
-        steady.append(t)
-        opt_times["steady"].append(opt_times["last"])
+        index = 1 + args.warmup + i
+        before = basis_fingerprint(opt) if galore else None
+        t, opt_s, loss = step(index)
+        after = basis_fingerprint(opt) if galore else None
+        if before is not None and after is not None and not torch.equal(before, after):
+            refresh.append(t)
+            refresh_opt.append(opt_s)
+            refresh_index.append(index)
+        else:
+            steady.append(t)
+            steady_opt.append(opt_s)
         tick(f"{float(loss):.3f}")
-    out.update(steady_times_s=steady, steady_s=statistics.median(steady), final_loss=float(loss),
-               steady_opt_times_s=opt_times["steady"], steady_opt_s=statistics.median(opt_times["steady"]))
-
-    # the refresh step (GaLore: due on step `refresh_at`; checked by the basis, not assumed)
-    out["refresh_s"] = None
-    peak_refresh = None
-    if kind in GALORE_KINDS:
-        before = basis_fingerprint(opt)
-        res: dict[str, Any] = {}
-        for extra in range(4):
-            # timed without the profiler (its per-operator cost would inflate a refresh made of
-            # many small operations more than one made of a few SVDs); on CUDA the peak too
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(torch.device(args.device))
-            res["t"], _ = step(refresh_at + extra)
-            if cuda:
-                peak_refresh = torch.cuda.max_memory_allocated(torch.device(args.device))
-            tick("")
-            after = basis_fingerprint(opt)
-            if before is not None and after is not None and not torch.equal(before, after):
-                out["refresh_s"] = res["t"]
-                out["refresh_opt_s"] = opt_times["last"]
-                out["refresh_step_index"] = refresh_at + extra
-                break
-        if out["refresh_s"] is None:
-            out["note"] = "no basis change observed after the steady window"
-    out["peak_refresh_bytes"] = peak_refresh
-    out["peak_bytes"] = max(out["peak_start_bytes"], peak_refresh or 0)
-    out["peak_method"] = ("torch.cuda.max_memory_allocated" if cuda else
+    out["peak_timed_bytes"] = torch.cuda.max_memory_allocated(dev) if cuda else None
+    out.update(steady_times_s=steady, steady_s=statistics.median(steady) if steady else None, final_loss=float(loss),
+               steady_opt_times_s=steady_opt, steady_opt_s=statistics.median(steady_opt) if steady_opt else None,
+               refresh_times_s=refresh, refresh_opt_times_s=refresh_opt, refresh_step_indices=refresh_index,
+               refresh_s=statistics.median(refresh) if refresh else None,
+               refresh_opt_s=statistics.median(refresh_opt) if refresh_opt else None)
+    if galore:
+        due = [1 + args.warmup + i for i in range(args.steps) if (1 + args.warmup + i) % args.refresh_every == 0]
+        if refresh_index != due:
+            out["note"] = f"refresh steps {refresh_index}, scheduled {due}"
+    out["peak_bytes"] = max(out["peak_start_bytes"], out["peak_timed_bytes"] or 0)
+    out["peak_method"] = ("torch.cuda.max_memory_allocated over all steps" if cuda else
                           "weights + galore_opt.memory.measure_peak_bytes (profiler allocation events) over the "
                           "first (cold refresh) and warm-up steps")
     return out  # model and optimizer are freed with this frame (the caller collects)
@@ -344,10 +349,10 @@ def finish_row(row: dict[str, Any]) -> dict[str, Any]:
     if row.get("refresh_s") is not None:
         if row["optimizer"].endswith("layerwise"):  # the update runs inside backward: whole steps
             stall = max(0.0, row["refresh_s"] - steady)
-            row["stall_method"] = "refresh step - median steady step (whole steps)"
+            row["stall_method"] = "median refresh step - median steady step (whole steps)"
         else:  # the optimizer step alone: the forward/backward's noise is left out
             stall = max(0.0, row["refresh_opt_s"] - row["steady_opt_s"])
-            row["stall_method"] = "refresh optimizer.step() - median steady optimizer.step()"
+            row["stall_method"] = "median refresh optimizer.step() - median steady optimizer.step()"
     row["refresh_stall_s"] = stall
     row["effective_step_s"] = steady + (stall or 0.0) / row["gap"]
     row["effective_tokens_per_s"] = tokens / row["effective_step_s"]
@@ -424,7 +429,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--sizes", default="60m", help=f"comma list of {', '.join(SIZES)}")
     ap.add_argument("--optimizers", default=",".join(OPTIMIZERS), help=f"comma list of {', '.join(OPTIMIZERS)}")
-    ap.add_argument("--steps", type=int, default=20, help="timed steady steps (median)")
+    ap.add_argument("--steps", type=int, default=20, help="timed steps (steady ones and, GaLore, refresh ones)")
+    ap.add_argument("--refresh-every", type=int, default=5,
+                    help="GaLore optimizers refresh every matrix every this many steps while measured "
+                         "(update_proj_gap); the stall is amortized over --gap")
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps after the first one")
     ap.add_argument("--batch", type=int, default=None, help="sequences per step (default CPU 2, CUDA 16)")
     ap.add_argument("--seq", type=int, default=None, help="tokens per sequence (default CPU 128, CUDA 256)")
@@ -480,6 +488,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
         v = getattr(args, name)
         if v is not None and v < low:
             ap.error(f"--{name} must be >= {low}, got {v}")
+    if args.refresh_every < 2 or args.refresh_every > args.steps:
+        ap.error(f"--refresh-every must be in [2, --steps] so that the timed steps hold steady and refresh "
+                 f"steps, got {args.refresh_every} with --steps {args.steps}")
     if not 0 < args.mem_fraction <= 1:
         ap.error(f"--mem-fraction must be in (0, 1], got {args.mem_fraction}")
     if args.cap_gib is not None:
@@ -553,8 +564,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 plans.append((size, kind, cfg))
 
-    per_run = 1 + args.warmup + args.steps
-    total = sum(per_run + (1 if k in GALORE_KINDS else 0) for _, k, _ in plans)
+    total = len(plans) * (1 + args.warmup + args.steps)
     bar = tqdm(total=total, desc="bench_e2e", dynamic_ncols=True, file=sys.stderr)
     rows: list[dict[str, Any]] = []
     monitor = C.CpuMonitor().start()

@@ -89,7 +89,9 @@ def e2e_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[str]
         r0 = sel[0]
         lines += [f"**LLaMA-{size}** ({r0['params'] / 1e6:.1f}M params, {r0['layers']} layers, vocab {r0['vocab']}), "
                   f"{a['dtype']}, batch {a['batch']} x seq {a['seq']}, synthetic tokens, GaLore rank {r0['rank']}, "
-                  f"refresh amortized over gap {r0['gap']}, {a['steps']} steady steps (median)", ""]
+                  f"refresh amortized over gap {r0['gap']}, {a['steps']} timed steps"
+                  + (f" (GaLore: a refresh every {a['refresh_every']}; medians of the steady and of the refresh steps)"
+                     if a.get("refresh_every") else " (steady: median; one refresh step)"), ""]
         lines.append(C.format_table(E.TABLE_HEADERS, E.table_rows(sel), markdown=True))
         lines.append("")
         lines += [f"- {line}" for line in E.comparisons(sel)]
@@ -101,7 +103,7 @@ def e2e_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[str]
     stall = "; ".join(methods) if methods else "refresh step - steady step"
     lines += ["", "Tokens/s refresh amortized = tokens per step / (steady step + refresh stall / gap). First "
               f"step: state creation and the cold refresh. Refresh stall: {stall}; every GaLore "
-              "matrix refreshed on the same step (ours: `stagger_refresh=False`; by default ours spreads the "
+              "matrix refreshed on the same steps (ours: `stagger_refresh=False`; by default ours spreads the "
               "refreshes over the gap). Peak: " + (rows[0]["peak_method"] if rows else "-") + ".", ""]
     lines += _images(path, out_dir, ("throughput", "memory"))
     return lines

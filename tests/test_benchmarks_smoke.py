@@ -39,7 +39,8 @@ def test_bench_e2e_smallest(tmp_path, capsys):
     if not _has("galore_torch"):
         kinds = [k for k in kinds if not k.startswith("galore-torch")]
     out = tmp_path / "bench_e2e-cpu-20000101.json"
-    rc = e2e.main(["--sizes", "tiny", "--layers", "1", "--steps", "2", "--warmup", "1", "--batch", "1", "--seq", "16",
+    rc = e2e.main(["--sizes", "tiny", "--layers", "1", "--steps", "4", "--refresh-every", "2", "--warmup", "1",
+                   "--batch", "1", "--seq", "16",
                    "--vocab", "256", "--rank", "8", "--optimizers", ",".join(kinds), "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -57,8 +58,9 @@ def test_bench_e2e_smallest(tmp_path, capsys):
         assert r["peak_bytes"] >= r["weights_bytes"] > 0, kind
         assert r["state_bytes"] > 0, kind
         assert math.isfinite(r["final_loss"]), kind
-        if kind in e2e.GALORE_KINDS:  # the refresh happened on the measured step
-            assert r["refresh_s"] is not None and r.get("note") is None, kind
+        if kind in e2e.GALORE_KINDS:  # the refreshes happened on the scheduled steps (2 and 4)
+            assert r["refresh_step_indices"] == [2, 4] and r.get("note") is None, kind
+            assert len(r["steady_times_s"]) == 2 and r["refresh_s"] is not None, kind
             assert r["refresh_stall_s"] >= 0, kind
         else:
             assert r["refresh_s"] is None, kind
@@ -73,7 +75,8 @@ def test_bench_e2e_smallest(tmp_path, capsys):
 def test_bench_e2e_rejects_bad_arguments(capsys):
     e2e = _bench("bench_e2e")
     for argv, message in ((["--sizes", "3b"], "unknown size '3b'"), (["--optimizers", "sgd"], "unknown optimizer 'sgd'"),
-                          (["--steps", "0"], "--steps must be >= 1"), (["--cap-gib", "24"], "--cap-gib needs --device cuda")):
+                          (["--steps", "0"], "--steps must be >= 1"), (["--cap-gib", "24"], "--cap-gib needs --device cuda"),
+                          (["--steps", "4", "--refresh-every", "5"], "--refresh-every must be in [2, --steps]")):
         with pytest.raises(SystemExit):
             e2e.main(argv)
         assert message in capsys.readouterr().err
