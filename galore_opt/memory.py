@@ -112,6 +112,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .functional.adamw import CPU_SLICE
 from .param_groups import _is_all_linear, _module_matches
 from .quant import DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, SMALL_TENSOR_THRESHOLD
 
@@ -643,7 +644,8 @@ def step_workspace_bytes(
     torch AdamW: ``sqrt(v)`` and the denominator (for-loop implementation, the CPU default); on
     CUDA torch defaults to the foreach implementation, whose ``sqrt`` of every moment exists at
     once (:func:`estimate_memory` sums it over the parameters). GaLoreAdamW's full-size
-    parameters: ``sqrt(v)`` only (divided and shifted in place). GaLore: the larger of the refresh
+    parameters: ``sqrt(v)`` only (divided and shifted in place), of one slice of
+    ``functional.adamw.CPU_SLICE`` elements on the CPU. GaLore: the larger of the refresh
     (``refresh=True``) and the update: the projected gradient, denominator and normalized update
     (3 low-rank tensors in the parameter's dtype); 8-bit: the fp32 dequantized moments and
     intermediates (20-22 bytes per low-rank element) and, for fp32 parameters, an fp32 copy of
@@ -658,7 +660,7 @@ def step_workspace_bytes(
     if optimizer == "adamw":
         return (1 if device == "cuda" else 2) * d * n_el
     if optimizer == "galore-adamw" and not galore:  # sqrt(v), divided and eps added in place
-        return d * n_el
+        return d * (min(n_el, CPU_SLICE) if device == "cpu" and n_el > CPU_SLICE else n_el)
     if optimizer == "adamw8bit":
         return 0 if device == "cuda" else _adamw8bit_full_workspace(n_el, d, device)  # bitsandbytes' kernel: none
     if optimizer == "galore-adamw8bit" and not galore:

@@ -18,7 +18,9 @@ def _grads(params, step):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_non_galore_params_follow_torch_adamw_bit_for_bit(weight_decay, dtype):
     gen = torch.Generator().manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in [(5, 7), (11,), (3, 4, 2)]]
+    # (1100, 1000): more than one CPU slice of the full-size update (functional.adamw.CPU_SLICE)
+    shapes = [(5, 7), (11,), (3, 4, 2), (1100, 1000)]
+    ours = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype)) for s in shapes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     a = GaLoreAdamW(
         [{"params": ours[:2]}, {"params": ours[2:], "lr": 3e-3}], lr=1e-2, betas=(0.8, 0.99), weight_decay=weight_decay
@@ -88,3 +90,23 @@ def test_full_rank_route_equals_scaled_adamw():
         ref.step()
     assert C.BASIS_LEFT not in opt.state[w] and C.BASIS_RIGHT not in opt.state[w]
     torch.testing.assert_close(w, w_ref, **tolerance(torch.float32, "rewritten_ops"))
+
+
+@pytest.mark.parametrize("numerics", ["torch", "galore_torch"])
+def test_full_size_update_in_cpu_slices_equals_update_at_once(numerics, monkeypatch):
+    import galore_opt.functional.adamw as F
+
+    gen = torch.Generator().manual_seed(0)
+    n = 2 * F.CPU_SLICE + 12345  # two whole slices and a ragged one
+    results = []
+    for slice_size in (F.CPU_SLICE, 10 * n):
+        monkeypatch.setattr(F, "CPU_SLICE", slice_size)
+        gen.manual_seed(0)
+        p, m, v = torch.randn(n, generator=gen), torch.zeros(n), torch.zeros(n)
+        step = torch.tensor(0.0)
+        for _ in range(3):
+            F.adamw_update(p, torch.randn(n, generator=gen), m, v, step, lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8,
+                           weight_decay=0.1, numerics=numerics)
+        results.append((p, m, v))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)

@@ -24,15 +24,34 @@ from torch import Tensor
 
 from ..projector import project, project_back
 
+#: on the CPU, a full-size AdamW update of a larger contiguous parameter runs over slices of this
+#: many elements: each slice's temporaries stay in cache and come back from the allocator's free
+#: list, where a whole-tensor ``sqrt(v)`` is a fresh mmap (page faults) every step. Elementwise, so
+#: the result is the same; measured 66 -> 28 ms for a 32000 x 512 embedding (1 thread).
+CPU_SLICE = 1 << 20
+
 
 def adamw_update(
     param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_t: Tensor, **hyper: Any
 ) -> None:
     """One AdamW step of a full-size parameter, in place: ``step_t`` is incremented, then
     :func:`adamw_apply` (keyword arguments: ``lr``, ``beta1``, ``beta2``, ``eps``,
-    ``weight_decay``, ``numerics``, ``correct_bias``)."""
+    ``weight_decay``, ``numerics``, ``correct_bias``), slice by slice on the CPU
+    (:data:`CPU_SLICE`)."""
     step_t += 1
-    adamw_apply(param, grad, exp_avg, exp_avg_sq, step_t.item(), **hyper)
+    step = step_t.item()
+    tensors = (param, grad, exp_avg, exp_avg_sq)
+    n = param.numel()
+    if (
+        param.device.type == "cpu"
+        and n > CPU_SLICE
+        and all(t.shape == param.shape and t.is_contiguous() for t in tensors)
+    ):
+        flat = [t.view(-1) for t in tensors]
+        for start in range(0, n, CPU_SLICE):
+            adamw_apply(*(t[start : start + CPU_SLICE] for t in flat), step, **hyper)
+        return
+    adamw_apply(param, grad, exp_avg, exp_avg_sq, step, **hyper)
 
 
 def adamw_apply(
