@@ -3,8 +3,11 @@
 # benchmarks/results/gpu-<date>/). Meant for the lent H100/H200 (torch and Triton preinstalled
 # there; galore-torch and bitsandbytes travel as wheels in .whl/, see benchmarks/README.md).
 #
-#   bash benchmarks/gpu_check.sh            # about 5 minutes on an H100
+#   bash benchmarks/gpu_check.sh                  # everything: about 10 minutes on an H100
+#   bash benchmarks/gpu_check.sh tests step       # some parts (tests, step, 7b, e2e): fits one 10-minute call
 set -uo pipefail
+PARTS="${*:-tests step 7b e2e}"
+want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
 mkdir -p "$OUT"
@@ -23,24 +26,39 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 
 status=0
 # 1. tests on the GPU: the GPU-marked tests and the kernel tests (same files as the interpreter runs).
-python3 -m pytest -q -m gpu --ignore=tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest.txt" || status=1
-python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest-kernels.txt" || status=1
-tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt"
+if want tests; then
+  python3 -m pytest -q -m gpu --ignore=tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest.txt" || status=1
+  python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest-kernels.txt" || status=1
+  tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt"
+fi
 
 # 2. optimizer step at the ANCHORS.md shapes (bf16), every implementation side by side (issue 3, 4):
 #    1B 4 layers at rank 128 and 512; 7B 2 layers at rank 1024 (galore-torch's SVDs take ~20 s per
 #    refresh there: the 7B run times only the first, cold refresh).
-OPTS=adamw-fused,adamw-foreach,bnb-adamw8bit,galore-torch,galore-torch-8bit,ours-ref,ours-triton,ours-8bit,matmuls
-for RANK in 128 512; do
-  python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 1b --layers 4 --rank $RANK \
-    --optimizers $OPTS --steps 20 --refresh-repeats 1 --busy-retry -1 --out "$OUT/bench_step-1b-r$RANK.json" || status=1
-done
-python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 7b --layers 2 --rank 1024 \
-  --optimizers $OPTS --steps 10 --skip-refresh --busy-retry -1 --out "$OUT/bench_step-7b-r1024.json" || status=1
+if want step; then
+  OPTS=adamw-fused,adamw-foreach,bnb-adamw8bit,galore-torch,galore-torch-8bit,ours-ref,ours-triton,ours-8bit,matmuls
+  for RANK in 128 512; do
+    python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 1b --layers 4 --rank $RANK \
+      --optimizers $OPTS --steps 20 --refresh-repeats 1 --busy-retry -1 --out "$OUT/bench_step-1b-r$RANK.json" || status=1
+  done
+  python3 benchmarks/bench_step.py --device cuda --dtype bfloat16 --size 7b --layers 2 --rank 1024 \
+    --optimizers $OPTS --steps 10 --skip-refresh --busy-retry -1 --out "$OUT/bench_step-7b-r1024.json" || status=1
+fi
 
 # 3. LLaMA-7B, 8-bit GaLore layer-wise, no checkpointing, under a hard 24 GiB cap (issue 5): 4x256 and
 #    1x1024 first, then larger micro-batches until two in a row do not fit.
-timeout 240 python3 examples/pretrain_llama7b_24gb.py --device cuda --size 7b --find-max --steps 3 --cap-gib 24 \
-  --out "$OUT/llama7b_24gb.json" || status=1
+if want 7b; then
+  timeout 240 python3 examples/pretrain_llama7b_24gb.py --device cuda --size 7b --find-max --steps 3 --cap-gib 24 \
+    --out "$OUT/llama7b_24gb.json" || status=1
+fi
+
+# 4. end-to-end LLaMA-1B pre-training steps, bf16, batch 16 x 256 (issue 9): fused AdamW, galore-torch and
+#    ours side by side; one refresh of every matrix among 6 timed steps (galore-torch's 168 SVDs take
+#    minutes per refresh at this size, so one sample).
+if want e2e; then
+  timeout 330 python3 benchmarks/bench_e2e.py --device cuda --sizes 1b --warmup 1 --steps 6 --refresh-every 5 \
+    --optimizers adamw,galore-torch,ours,ours-8bit,ours-8bit-layerwise --no-plots \
+    --out "$OUT/bench_e2e-gpu-1b.json" || status=1
+fi
 
 exit $status
