@@ -1,4 +1,5 @@
-"""Rounding helper shared by the Triton kernels."""
+"""Rounding helpers shared by the Triton kernels: in-kernel rounding to a storage dtype, and the
+host-side scalar arguments of the Adam moment kernels."""
 
 import triton
 import triton.language as tl
@@ -17,3 +18,10 @@ def round_to(x, dtype: tl.constexpr):
         return x.to(tl.float16).to(tl.float32)
     else:
         return x
+
+
+def adam_scalars(beta1: float, beta2: float, eps: float, step: float) -> tuple[float, float, float, float, float]:
+    """``(1 - beta1, beta2, 1 - beta2, eps, sqrt(1 - beta2**step))`` for a moment kernel: each
+    rounded to fp32 from the double when Triton passes it, as torch passes a scalar weight.
+    ``step`` is the step count after incrementing."""
+    return float(1 - beta1), float(beta2), float(1 - beta2), float(eps), float((1 - beta2**step) ** 0.5)

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._rounding import adam_scalars
 from ._rounding import round_to as _round
 
 
@@ -142,11 +143,7 @@ def fused_adamw8bit(
         signed_code,
         unsigned_code,
         n,
-        float(1 - beta1),  # rounded to fp32 from the double, as torch passes a scalar weight
-        float(beta2),
-        float(1 - beta2),
-        float(eps),
-        float((1 - beta2**step) ** 0.5),
+        *adam_scalars(beta1, beta2, eps, step),
         BLOCK=block_size,
     )
     return norm
@@ -177,7 +174,7 @@ def fused_adamw8bit_reference(
     v = dequantize_blockwise(v_codes.view(-1), v_absmax, unsigned_code, block_size, g.shape, torch.float32)
     m.lerp_(g, 1 - beta1)
     v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    denom = (v.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    denom = v.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
     norm = (m / denom).to(out_dtype or grad.dtype).view(shape)
     quantize_blockwise(m, signed_code, block_size, out=(m_codes.view(-1), m_absmax))
     quantize_blockwise(v, unsigned_code, block_size, out=(v_codes.view(-1), v_absmax))

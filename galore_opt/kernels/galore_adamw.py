@@ -35,6 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import interpreter_mode
+from ._rounding import adam_scalars
 from ._rounding import round_to as _round
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,11 +119,7 @@ def lowrank_adam(
         exp_avg_sq,
         norm,
         n,
-        float(1 - beta1),  # rounded to fp32 from the double, as torch passes a scalar weight
-        float(beta2),
-        float(1 - beta2),
-        float(eps),
-        float((1 - beta2**step) ** 0.5),
+        *adam_scalars(beta1, beta2, eps, step),
         BLOCK=block_size,
     )
     return norm
@@ -145,7 +142,7 @@ def lowrank_adam_reference(
     low = low.to(exp_avg.dtype)
     exp_avg.lerp_(low, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
-    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    denom = exp_avg_sq.sqrt().div_((1 - beta2**step) ** 0.5).add_(eps)
     return (exp_avg / denom).to(out_dtype or exp_avg.dtype)
 
 
