@@ -82,8 +82,9 @@ Workspace (each measured on the CPU with the profiler's allocation events, see :
   tensors;
 * an optimizer update (:func:`step_workspace_bytes`): torch AdamW ``sqrt(v)`` and the denominator
   (2 full tensors; the foreach implementation, CUDA's default, one per parameter at once);
-  GaLore a refresh: an fp32 copy of a non-fp32 gradient plus ``(4.1 max(m, n) + 1.1 min(m, n)) (r + 8) 4`` bytes for the randomized
-  range finder of the cold start (``(0.75 max + 1.7 min) r 4`` for the warm power iteration), or
+  GaLore a refresh: an fp32 copy of a non-fp32 gradient plus
+  ``(4.1 max(m, n) + 1.1 min(m, n)) (r + 8) 4`` bytes for the randomized range finder of the cold
+  start (``(0.75 max + 1.7 min) r 4`` for the warm power iteration), or
   the update: 3 low-rank tensors (8-bit: the fp32 dequantized moments and intermediates, 20-22
   bytes per low-rank element); a full-size parameter of ``GaLoreAdamW8bit`` (embeddings, head)
   is updated in slices of ``GaLoreAdamW8bit.FULL_CHUNK`` elements through fp32 copies of the
@@ -619,9 +620,10 @@ def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:
     parameters: the fp32 gradient (4 bytes per element, when the parameter is not fp32),
     ``sqrt(v)``, divided and shifted in place into the denominator (4); on the CPU a bf16
     parameter's ``addcdiv_`` with fp32 operands adds two fp32 temporaries (8; TensorIterator
-    promotes through temporaries on the CPU only, CUDA kernels cast in registers). 8-bit parameters are updated in slices of
-    ``GaLoreAdamW8bit.FULL_CHUNK`` (= ``quant.DEFAULT_CHUNK_SIZE``) elements: the same per slice
-    element plus the slice's fp32 moments (8) and the requantization scratch (21)."""
+    promotes through temporaries on the CPU only, CUDA kernels cast in registers). 8-bit
+    parameters are updated in slices of ``GaLoreAdamW8bit.FULL_CHUNK`` (=
+    ``quant.DEFAULT_CHUNK_SIZE``) elements: the same per slice element plus the slice's fp32
+    moments (8) and the requantization scratch (21)."""
     cast = 4 if d != 4 else 0
     promote = 8 if d != 4 and device == "cpu" else 0
     if numel < SMALL_TENSOR_THRESHOLD:  # fp32 moments stored as they are
@@ -651,8 +653,7 @@ def step_workspace_bytes(
     intermediates (20-22 bytes per low-rank element) and, for fp32 parameters, an fp32 copy of
     the bf16 basis; Adafactor: the projected gradient, the variance estimate and the full-size
     update projected back. Full-size parameters of GaLoreAdamW8bit (embeddings, head) run the
-    reference 8-bit update: fp32 moments and temporaries, 12-16 bytes per element (24 for bf16 on
-    the CPU).
+    reference 8-bit update, slice by slice for 8-bit moments (:func:`_adamw8bit_full_workspace`).
     """
     d = DTYPES[dtype]
     n_el = p.numel

@@ -105,7 +105,8 @@ class ActivationSparsity:
             raise ValueError("no modules to hook: give `modules` or `types` that the model contains")
         self.zeros: dict[str, int] = dict.fromkeys(targets, 0)
         self.counts: dict[str, int] = dict.fromkeys(targets, 0)
-        self._zero_counts: dict[str, list[Tensor]] = {n: [] for n in targets}
+        # zero counts since the last compute(), one tensor per module on its device (None: none yet)
+        self._pending: dict[str, Tensor | None] = dict.fromkeys(targets)
         self._handles = [m.register_forward_hook(self._hook(n)) for n, m in targets.items()]
 
     def _hook(self, name: str) -> Callable[..., None]:
@@ -114,19 +115,21 @@ class ActivationSparsity:
             if not isinstance(out, Tensor):
                 return
             with torch.no_grad():
-                # kept on the device until compute(): an int() here would synchronize a GPU once
+                # summed on the device until compute(): an int() here would synchronize a GPU once
                 # per hooked module per forward
-                self._zero_counts[name].append((out.detach().abs() <= self.threshold).sum())
+                zeros = (out.detach().abs() <= self.threshold).sum()
+                pending = self._pending[name]
+                self._pending[name] = zeros if pending is None else pending.add_(zeros)
                 self.counts[name] += out.numel()
 
         return hook
 
     def compute(self) -> dict[str, float]:
         """``{module name: fraction of zero outputs}`` since the last reset, and ``"overall"``."""
-        for n, pending in self._zero_counts.items():
-            if pending:
-                self.zeros[n] += int(torch.stack(pending).sum())
-                pending.clear()
+        for n, pending in self._pending.items():
+            if pending is not None:
+                self.zeros[n] += int(pending)
+                self._pending[n] = None
         out = {n: (self.zeros[n] / c if c else float("nan")) for n, c in self.counts.items()}
         total = sum(self.counts.values())
         out["overall"] = sum(self.zeros.values()) / total if total else float("nan")
@@ -135,7 +138,7 @@ class ActivationSparsity:
     def reset(self) -> None:
         for n in self.counts:
             self.zeros[n] = self.counts[n] = 0
-            self._zero_counts[n].clear()
+            self._pending[n] = None
 
     def remove(self) -> None:
         """Remove the forward hooks."""

@@ -282,7 +282,6 @@ class GaLoreAdamW(GaLoreOptimizer):
             )
         state = self.state[p]
         side = self._side(p, group)
-        m, n = p.shape
         if not state:
             state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
             shape = self._low_rank_shape(p, group, side)

@@ -53,3 +53,16 @@ def test_one_shot_threshold_and_named_modules():
         ActivationSparsity(model, threshold=-0.5)
     with pytest.raises(ValueError, match="nope"):
         ActivationSparsity(model, modules=["nope"])
+
+
+def test_activation_sparsity_sums_several_forwards_between_computes():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(6, 4)
+    with torch.no_grad():
+        zeros = int((model(x) == 0).sum())
+    probe = ActivationSparsity(model)
+    for _ in range(5):
+        model(x)
+    assert probe.compute()["1"] == pytest.approx(zeros / 24)
+    assert probe.zeros["1"] == 5 * zeros and probe.counts["1"] == 5 * 24
+    probe.remove()
