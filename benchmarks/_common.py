@@ -509,3 +509,20 @@ def apply_machine_args(args: Any) -> None:
     """Wait for an idle machine if asked, and set the busy-retry threshold."""
     wait_for_idle(args.wait_idle)
     BUSY_RETRY["threshold"] = args.busy_retry if args.busy_retry >= 0 else None
+
+
+def peer_unavailable(kind: str, device: str = "cpu") -> str | None:
+    """Why the peer-library row ``kind`` (``bnb-adamw8bit``, ``galore-torch``,
+    ``galore-torch-8bit``, ``lora``) cannot run on ``device``, or None (also for any other kind);
+    the benchmarks skip such a row with this message."""
+    import importlib.util
+
+    if kind in ("bnb-adamw8bit", "galore-torch-8bit") and importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed"
+    if kind in ("galore-torch", "galore-torch-8bit") and importlib.util.find_spec("galore_torch") is None:
+        return "galore-torch is not installed"
+    if kind == "galore-torch-8bit" and torch.device(device).type != "cuda":
+        return "galore-torch's GaLoreAdamW8bit needs CUDA (it asserts a CUDA device)"
+    if kind == "lora" and importlib.util.find_spec("peft") is None:
+        return "peft is not installed"
+    return None

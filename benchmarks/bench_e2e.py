@@ -74,7 +74,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import importlib.util
 import math
 import statistics
 import sys
@@ -121,16 +120,7 @@ PROJ_METHOD = {"ours-randomized": "randomized", "ours-svd": "svd"}
 
 def available(kind: str, device: str) -> str | None:
     """None if ``kind`` can run on ``device``, else the reason (its row is skipped with it)."""
-    cuda = torch.device(device).type == "cuda"
-    if kind in ("bnb-adamw8bit", "galore-torch-8bit") and importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed"
-    if kind.startswith("galore-torch") and importlib.util.find_spec("galore_torch") is None:
-        return "galore-torch is not installed"
-    if kind == "galore-torch-8bit" and not cuda:
-        return "galore-torch's GaLoreAdamW8bit needs CUDA (it asserts a CUDA device)"
-    if kind == "lora" and importlib.util.find_spec("peft") is None:
-        return "peft is not installed"
-    return None
+    return C.peer_unavailable(kind, device)
 
 
 def adamw(params: Any, lr: float, device: str) -> torch.optim.Optimizer:

@@ -135,15 +135,10 @@ class MatmulsOnly(torch.optim.Optimizer):
 
 def available(kind: str, device: str) -> str | None:
     """None if ``kind`` can run on ``device``, else why not (the row is skipped with that message)."""
-    import importlib.util
-
+    why = C.peer_unavailable(kind, device)
+    if why is not None:
+        return why
     cuda = torch.device(device).type == "cuda"
-    if kind in ("bnb-adamw8bit", "galore-torch-8bit") and importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed"
-    if kind in ("galore-torch", "galore-torch-8bit") and importlib.util.find_spec("galore_torch") is None:
-        return "galore-torch is not installed"
-    if kind == "galore-torch-8bit" and not cuda:
-        return "galore-torch's 8-bit optimizer runs on CUDA only (bitsandbytes' CUDA kernels)"
     if kind == "ours-triton":
         from galore_opt.kernels import triton_usable
 
