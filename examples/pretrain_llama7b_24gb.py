@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
                 x = torch.randint(0, config.vocab_size, (batch, seq), generator=gen).to(device)
                 loss = model(input_ids=x, labels=x).loss / args.accumulation
                 loss.backward()  # the updates happen in here
-                losses.append(loss.item() * args.accumulation)
+                losses.append(loss.detach() * args.accumulation)  # read after the run: no sync per micro-batch
             optimizer.step()  # bookkeeping
             optimizer.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -181,7 +181,7 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
         "first_step_s": step_s[0],
         "steady_step_s": sum(steady) / len(steady),
         "tokens_per_s": tokens / (sum(steady) / len(steady)),
-        "losses": losses,
+        "losses": [float(x) for x in losses],
         "grad_norm": float(optimizer.grad_norm) if optimizer.grad_norm is not None else None,
         "fits": True,
     }
