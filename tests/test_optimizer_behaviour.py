@@ -201,11 +201,12 @@ def test_galore_torch_numerics_refresh_before_the_update(monkeypatch):
     """galore_torch numerics keep galore-torch's order: refresh, then project with the new basis."""
     w = nn.Parameter(torch.randn(10, 16))
     opt = GaLoreAdamW([{"params": [w], "rank": 3, "update_proj_gap": 2}], numerics="galore_torch")
+    import galore_opt.optim.galore_adamw as adamw_module
+
     order = []
-    real_basis, real_update = base.compute_basis, __import__("galore_opt.optim.galore_adamw", fromlist=["x"])
+    real_basis, real_update = base.compute_basis, adamw_module.galore_adamw_update
     monkeypatch.setattr(base, "compute_basis", lambda *a, **k: order.append("refresh") or real_basis(*a, **k))
-    real = real_update.galore_adamw_update
-    monkeypatch.setattr(real_update, "galore_adamw_update", lambda *a, **k: order.append("update") or real(*a, **k))
+    monkeypatch.setattr(adamw_module, "galore_adamw_update", lambda *a, **k: order.append("update") or real_update(*a, **k))
     _step_with_random_grads(opt, [w], 3)
     assert order == ["refresh", "update", "update", "refresh", "update"]
     # torch numerics: the cold refresh comes first, a warm one after the update
