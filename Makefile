@@ -10,7 +10,12 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench lint clean
+# The oldest Triton the kernels support (pyproject's triton extra); test-compat compiles every
+# kernel with it, in a venv of its own that holds nothing but Triton (no torch needed to compile).
+TRITON_OLDEST ?= 3.6.0
+COMPAT_VENV ?= .venv-triton-$(TRITON_OLDEST)
+
+.PHONY: setup demo test test-fast test-compat bench lint clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +36,13 @@ test: setup
 	$(PY) -m pytest -q --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
+# Every kernel compiled for sm_80/86/89/90 with the oldest supported Triton (make test does the
+# same with the installed one: tests/test_kernel_aot.py). Writes the per-target report.
+test-compat:
+	test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet "triton==$(TRITON_OLDEST)"
+	$(COMPAT_VENV)/bin/python galore_opt/kernels/aot.py --json benchmarks/results/aot-triton-$(TRITON_OLDEST).json
+
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" --ignore=tests/kernels
 
@@ -42,4 +54,4 @@ lint: setup
 	$(VENV)/bin/ruff check galore_opt tests benchmarks examples
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) $(COMPAT_VENV) build *.egg-info .pytest_cache

@@ -4,9 +4,13 @@
 # there; galore-torch and bitsandbytes travel as wheels in .whl/, see benchmarks/README.md).
 #
 #   bash benchmarks/gpu_check.sh                  # everything: about 10 minutes on an H100
-#   bash benchmarks/gpu_check.sh tests step       # some parts (tests, step, 7b, e2e): fits one 10-minute call
+#   bash benchmarks/gpu_check.sh compile tests step   # some parts (compile, tests, step, 7b, e2e)
+#
+# Each part runs whatever happened before it: a failing part sets the exit status and the next
+# part still runs, so one failure hides none of the others. The compile check comes first (it
+# needs no GPU, but on the GPU's Triton it shows what the other parts will launch).
 set -uo pipefail
-PARTS="${*:-tests step 7b e2e}"
+PARTS="${*:-compile tests step 7b e2e}"
 want() { [[ " $PARTS " == *" $1 "* ]]; }
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/results/gpu-$(date +%Y%m%d)}"
@@ -25,11 +29,19 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
   | tee -a "$OUT/device.txt"
 
 status=0
+# 0. every kernel compiled for sm_80/86/89/90 with this machine's Triton (registers, spills, shared
+#    memory per launch config), then the device's own target is the one the tests below launch.
+if want compile; then
+  python3 -m galore_opt.kernels.aot --json "$OUT/aot.json" > "$OUT/aot.txt" 2>&1 || status=1
+  head -n 14 "$OUT/aot.txt"
+fi
+
 # 1. tests on the GPU: the GPU-marked tests and the kernel tests (same files as the interpreter runs).
 if want tests; then
   python3 -m pytest -q -m gpu --ignore=tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest.txt" || status=1
+  python3 -m pytest -q tests/test_fake_cuda_and_meta.py -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest-fake.txt" || status=1
   python3 -m pytest -q tests/kernels -p no:cacheprovider 2>&1 | tail -n 30 > "$OUT/pytest-kernels.txt" || status=1
-  tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt"
+  tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt" "$OUT/pytest-fake.txt"
 fi
 
 # 2. optimizer step at the ANCHORS.md shapes (bf16), every implementation side by side (issue 3, 4):

@@ -6,6 +6,9 @@
     python examples/pretrain_llama7b_24gb.py --size 7b --find-max --cap-gib 24
     # the same code at toy scale on a CPU (a few seconds):
     python examples/pretrain_llama7b_24gb.py
+    # the full 7B on meta tensors (no memory, no GPU): the live-tensor peak of a refresh step and of
+    # a steady step, measured with MemTracker, beside the estimator (a minute on a CPU)
+    python examples/pretrain_llama7b_24gb.py --device meta --size 7b --batch 4 --seq 256
 
 What keeps a 7B step in 24 GiB (weights 12.6 GiB in bf16):
 
@@ -63,7 +66,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--size", default=None, help="tiny, 60m, 130m, 350m, 1b, 7b (default 7b on CUDA, tiny on CPU)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default cuda when available)")
+    p.add_argument("--device", default=None, help="cuda, cpu or meta (default cuda when available)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--steps", type=int, default=5, help="optimizer steps (the first one builds the bases)")
@@ -82,8 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.size is None:
         args.size = "7b" if args.device == "cuda" else "tiny"
-    if args.device == "cpu" and args.cap_gib is not None:
+    if args.device != "cuda" and args.cap_gib is not None:
         p.error("--cap-gib needs --device cuda (it sets the CUDA caching allocator's limit)")
+    if args.device == "meta" and args.steps != 2:
+        args.steps = 2  # meta: one refresh step (the first, cold) and one steady step
     for name in ("batch", "seq", "steps", "accumulation"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -110,6 +115,10 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
     config = llama_config(args.size, args.vocab)
     if args.checkpointing:
         config.use_cache = False
+    if device.type == "meta":  # save what a GPU's flash attention saves, not the math path's scores
+        from galore_opt.integrations.meta_attention import register_meta_flash_attention
+
+        config._attn_implementation = register_meta_flash_attention()
     rank = args.rank or (1024 if args.size == "7b" else max(1, min(1024, config.hidden_size // 4)))
     model = build_model(config, device, args.seed)
     if args.checkpointing:
@@ -133,8 +142,10 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
         activation_checkpointing=args.checkpointing,
         grad_accumulation=args.accumulation,
         update_proj_gap=args.gap,
-        device=device.type,
+        device="cuda" if device.type == "meta" else device.type,
     )
+    if device.type == "meta":
+        return _run_meta(args, model, optimizer, config, batch, seq, rank, weights, estimate)
 
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -189,6 +200,51 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
     return result
 
 
+def _run_meta(args, model, optimizer, config, batch, seq, rank, weights, estimate) -> dict[str, Any]:
+    """Two steps on meta tensors: the first (every basis built: the cold refresh) and a steady one,
+    each under a fresh ``MemTracker``, whose live-tensor peak is set beside the estimator's peak of
+    the same step (its "first update" walk, and the steady walk)."""
+    from torch.distributed._tools.mem_tracker import MemTracker
+
+    device = torch.device("meta")
+    steps = []
+    for name in ("refresh", "steady"):
+        tracker = MemTracker()
+        tracker.track_external(model, optimizer)
+        t0 = time.perf_counter()
+        with tracker:
+            x = torch.randint(0, config.vocab_size, (batch, seq), device=device)
+            model(input_ids=x, labels=x).loss.backward()  # the updates happen in here
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        snapshot = tracker.get_tracker_snapshot("peak")[device]
+        steps.append({"step": name, "peak_bytes": snapshot["Total"], "seconds": time.perf_counter() - t0,
+                      "by_kind": {str(getattr(k, "value", k)): v for k, v in snapshot.items() if k != "Total"}})  # fmt: skip
+    first = max(v for k, v in estimate.phases.items() if k.startswith("first update"))
+    steady = max(v for k, v in estimate.phases.items() if not k.startswith("first update"))
+    for s, est in zip(steps, (first, steady)):
+        s["estimate_bytes"] = est
+        s["estimate_error"] = est / s["peak_bytes"] - 1
+    result = {
+        "size": args.size,
+        "batch": batch,
+        "seq": seq,
+        "accumulation": args.accumulation,
+        "checkpointing": args.checkpointing,
+        "rank": rank,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_gib": weights / GiB,
+        "optimizer_state_gib": galore_opt.optimizer_state_bytes(optimizer) / GiB,
+        "peak_gib": max(s["peak_bytes"] for s in steps) / GiB,
+        "peak_kind": "MemTracker live-tensor peak on meta tensors (attention: flash stand-in)",
+        "estimate_gib": estimate.total / GiB,
+        "steps": steps,
+        "fits": True,
+    }
+    optimizer.remove_hooks()
+    return result
+
+
 def try_run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
     try:
         return run(args, batch, seq)
@@ -225,7 +281,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             break  # two sizes in a row did not fit: larger ones will not either
         r = try_run(args, batch, seq)
         runs.append(r)
-        if r["fits"]:
+        if r["fits"] and "steps" in r:  # meta
+            for s in r["steps"]:
+                print(
+                    f"  {batch:>3} x {seq:<5} {s['step']:8} live-tensor peak {s['peak_bytes'] / GiB:6.2f} GiB | "
+                    f"estimate {s['estimate_bytes'] / GiB:6.2f} GiB ({s['estimate_error']:+.1%}) | {s['seconds']:.1f} s"
+                )
+        elif r["fits"]:
             print(
                 f"  {batch:>3} x {seq:<5} peak {r['peak_gib']:6.2f} GiB (estimate {r['estimate_gib']:6.2f}) | "
                 f"state {r['optimizer_state_gib']:.2f} GiB | first step {r['first_step_s']:.2f} s | "

@@ -96,11 +96,12 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self.param_groups = groups
 
         self.micro_step = 0  # backward passes seen
-        self.grad_norm: float | None = None  # global norm of the last update's gradients
         # per-parameter gradient norms of the update in progress, kept on their devices: reading
         # each one (float()) would synchronize the GPU once per parameter inside backward
         self._norms: list[Tensor] = []
-        self._prev_norm: float | None = None
+        # the last update's global norm: a float64 device tensor (read on the host only when
+        # grad_norm is read, so an update never synchronizes the device), or a float after a load
+        self._prev_norm: Tensor | float | None = None
         self._callback_queued = False
         self._low_rank: dict[int, Tensor] = {}  # projected accumulation buffers, by id(param)
         self._ddp = False  # updates run from DDP's communication hook (see register_ddp)
@@ -123,20 +124,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             pending, self._ddp_futures = self._ddp_futures, []
             torch.futures.wait_all(pending)
         if self._last_micro_batch():
-            self.grad_norm = self._global_norm()
-            self._prev_norm = self.grad_norm
+            self._prev_norm = self._global_norm()
             self._norms = []
         self.micro_step += 1
 
-    def _global_norm(self) -> float:
-        """sqrt of the sum of the squared per-parameter norms (one device sync per update)."""
+    def _global_norm(self) -> Tensor | float:
+        """sqrt of the sum of the squared per-parameter norms, in float64 on the first norm's device
+        (the other devices' partial sums join it by an asynchronous copy): no host sync."""
         if not self._norms:
             return 0.0
         by_device: dict[torch.device, list[Tensor]] = {}
         for n in self._norms:
             by_device.setdefault(n.device, []).append(n)
-        total = sum(float(torch.stack(ns).double().square().sum()) for ns in by_device.values())
-        return math.sqrt(total)
+        first = self._norms[0].device
+        total = sum(torch.stack(ns).double().square().sum().to(first, non_blocking=True) for ns in by_device.values())
+        return total.sqrt()
+
+    @property
+    def grad_norm(self) -> float | None:
+        """The global gradient norm of the last update (``None`` before the first). Reading it
+        synchronizes the device once; NaN for meta parameters, which hold no values."""
+        norm = self._prev_norm
+        if isinstance(norm, Tensor):
+            return math.nan if norm.device.type == "meta" else float(norm)
+        return norm
 
     @torch.no_grad()
     def _hook(self, p: Tensor) -> None:
@@ -162,9 +173,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
         self._norms.append(norm)
         if self.clip_mode == "previous" and self._prev_norm is not None:
-            coef = min(1.0, self.max_grad_norm / (self._prev_norm + 1e-6))
-            if coef < 1.0:
-                grad.mul_(coef)
+            # min(1, max / (previous + 1e-6)) in float64 on the device (a factor of 1 changes nothing)
+            prev = self._prev_norm
+            if not isinstance(prev, Tensor):
+                prev = torch.tensor(prev, dtype=torch.float64)
+            grad.mul_((self.max_grad_norm / (prev.to(grad.device) + 1e-6)).clamp_(max=1.0))
         elif self.clip_mode == "parameter":  # on the device: no sync (a factor of 1 changes nothing)
             grad.mul_((self.max_grad_norm / (norm + 1e-6)).clamp_(max=1.0))
         if low is not None:
@@ -273,7 +286,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             raise RuntimeError("save between updates, not in the middle of an accumulation")
         meta = {"version": _STATE_VERSION, "micro_step": self.micro_step, "accumulation_steps": self.accumulation_steps}
         if self._prev_norm is not None:
-            meta["prev_norm"] = self._prev_norm
+            meta["prev_norm"] = self.grad_norm
         return {"optimizers": [o.state_dict() for o in self.optimizers], "layerwise": meta}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -286,7 +299,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         meta = state_dict["layerwise"]
         self.micro_step = int(meta["micro_step"])
         self._prev_norm = meta.get("prev_norm")
-        self.grad_norm = self._prev_norm
 
     @property
     def state(self):  # every inner optimizer's per-parameter state, read-only view

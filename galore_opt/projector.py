@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 from .config import FULL, LEFT, NONE, RIGHT
 
@@ -129,26 +130,39 @@ def _left_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     return u[:, :rank], vh[:rank]
 
 
+def overflow_scale(max_abs: Tensor) -> Tensor:
+    """A power of two ``s <= 1`` (an fp32 0-dim tensor on ``max_abs``'s device, computed there:
+    no host sync) with ``s * max_abs < 1`` (< 4 past 2^126): multiplying the skinny factor of each product with a
+    gradient of that max-abs by ``s`` bounds the product by the matrix sizes, so a huge but
+    finite gradient cannot overflow (``G G^T P`` does from max-abs ~1e19 in fp32). A power of
+    two scales exactly, and ``s = 1`` whenever ``max_abs < 1``: ordinary gradients compute exactly
+    as without it. A non-finite ``max_abs`` gives 1."""
+    exponent = torch.frexp(max_abs.float()).exponent.clamp(0, 126)  # max_abs < 2**exponent
+    return ((127 - exponent) << 23).to(torch.int32).view(torch.float32)  # 2**-exponent, by its bits
+
+
 def _left_randomized(
-    a: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator | None
+    a: Tensor, rank: int, oversample: int, power_iters: int, generator: torch.Generator | None, scale: Tensor
 ) -> tuple[Tensor, Tensor]:
     m, n = a.shape
     k = min(rank + oversample, m, n)
     omega = torch.randn(n, k, device=a.device, dtype=a.dtype, generator=generator)
-    q = _orthonormalize(a @ omega)
+    q = _orthonormalize(a @ (omega * scale))
     for _ in range(power_iters):
-        q = _orthonormalize(a @ _orthonormalize(a.t() @ q))
-    ub, _, vh = torch.linalg.svd(q.t() @ a, full_matrices=False)
+        q = _orthonormalize(a @ _orthonormalize(a.t() @ (q * scale)) * scale)
+    # the singular vectors of s Q^T A are those of Q^T A
+    ub, _, vh = torch.linalg.svd((q * scale).t() @ a, full_matrices=False)
     return q @ ub[:, :rank], vh[:rank]
 
 
-def _left_power(a: Tensor, prev: Tensor, power_iters: int, first: Tensor | None = None) -> Tensor:
+def _left_power(a: Tensor, prev: Tensor, power_iters: int, first: Tensor | None, scale: Tensor) -> Tensor:
     """``power_iters`` block subspace iterations ``Q <- orth(A A^T Q)`` from ``prev``; ``first``, if
-    given, is ``A^T prev`` already computed (the gradient projected with the previous basis)."""
+    given, is ``A^T prev`` already computed (the gradient projected with the previous basis).
+    ``scale`` (:func:`overflow_scale`) multiplies each skinny factor: the span is unchanged."""
     q = prev.to(a.dtype)
     for i in range(max(power_iters, 1)):
-        z = first if i == 0 and first is not None else a.t() @ q
-        q = _orthonormalize(a @ z)
+        z = first if i == 0 and first is not None else a.t() @ (q * scale)
+        q = _orthonormalize(a @ (z * scale))
     return q
 
 
@@ -169,6 +183,7 @@ def compute_basis(
     seed: int = 0,
     align: bool = False,
     projected: Tensor | None = None,
+    max_abs: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """Compute the ``(left, right)`` fp32 bases of ``grad`` for ``side`` (one may be ``None``).
 
@@ -188,8 +203,12 @@ def compute_basis(
             ``G prev_right^T`` (right), in fp32: the power method's first product, which the
             optimizer already computed for its update, is then not computed again. Used by
             ``"power"`` with a previous basis on one side only; ignored by the other methods.
+        max_abs: ``max |grad|`` if already computed (the optimizer computes it to check the
+            gradient); it sets the power-of-two :func:`overflow_scale` of the ``"power"`` and
+            ``"randomized"`` products. ``"svd"`` needs none (LAPACK scales its input itself).
 
-    A failed SVD (ill-conditioned input, GaLore issue #58) falls back to the randomized method,
+    No value is read on the host: a CUDA refresh does not synchronize the device (a failed
+    factorization raises where the backend checks its result, e.g. on the CPU). A failed SVD (ill-conditioned input, GaLore issue #58) falls back to the randomized method,
     and that to a random orthonormal basis; the result is always orthonormal and finite.
     """
     if side not in (LEFT, RIGHT, FULL):
@@ -197,14 +216,21 @@ def compute_basis(
     a = grad.detach().float()
     m, n = a.shape
     rank = min(rank, m, n)
-    generator = torch.Generator(device=a.device)
-    generator.manual_seed(seed)
+    generator = None
+    if a.device.type != "meta" and not isinstance(a, FakeTensor):  # fake and meta tensors draw no numbers
+        generator = torch.Generator(device=a.device)
+        generator.manual_seed(seed)
     if power_iters is None:
         power_iters = {"power": 1, "randomized": 2, "svd": 0}[method]
+    if max_abs is None:
+        max_abs = torch.linalg.vector_norm(a, float("inf"))
+    scale = overflow_scale(max_abs)
 
     def randomized(mat: Tensor) -> tuple[Tensor, Tensor]:
         try:
-            return _left_randomized(mat, rank, oversample, power_iters if method == "randomized" else 2, generator)
+            return _left_randomized(
+                mat, rank, oversample, power_iters if method == "randomized" else 2, generator, scale
+            )
         except RuntimeError:  # torch.linalg.LinAlgError and friends
             rows, cols = mat.shape
             return (_random_orthonormal(rows, rank, mat.device, generator),
@@ -232,9 +258,9 @@ def compute_basis(
         projected = None
     if method == "power" and warm:
         if side in (LEFT, FULL):
-            left = _left_power(a, prev_left, power_iters, None if projected is None else projected.t())
+            left = _left_power(a, prev_left, power_iters, None if projected is None else projected.t(), scale)
         if side in (RIGHT, FULL):
-            right = _left_power(a.t(), prev_right.t(), power_iters, projected).t()
+            right = _left_power(a.t(), prev_right.t(), power_iters, projected, scale).t()
     elif method == "svd":
         # svd of G itself, as galore-torch does: same singular vectors, same signs.
         u, vh = exact(a)
@@ -255,17 +281,17 @@ def compute_basis(
 
 
 def _compact(x: Tensor | None) -> Tensor | None:
-    """A copy with its own tight storage in the same major order as ``x``.
+    """A copy with its own tight storage and ``x``'s strides.
 
     A slice such as ``U[:, :r]`` keeps all of ``U`` alive; ``.contiguous()`` would free it but
     change a column-major LAPACK result to row-major, and with it the BLAS call (and the last bits
-    of every projection) compared with galore-torch, which keeps the slice as it is.
+    of every projection) compared with galore-torch, which keeps the slice as it is. The leading
+    columns of a column-major matrix (or rows of a row-major one) are dense, so ``clone`` keeps
+    their strides exactly (and a rank-1 slice keeps its own).
     """
     if x is None:
         return None
-    m, n = x.shape
-    strides = (1, m) if x.stride(0) == 1 and n > 1 else (n, 1)
-    return torch.empty_strided((m, n), strides, dtype=x.dtype, device=x.device).copy_(x)
+    return x.clone(memory_format=torch.preserve_format)
 
 
 __all__ = [
@@ -276,6 +302,7 @@ __all__ = [
     "captured_energy",
     "choose_side",
     "compute_basis",
+    "overflow_scale",
     "project",
     "project_back",
     "refresh_seed",

@@ -24,11 +24,13 @@ Nothing here imports bitsandbytes; it is only the oracle of the tests.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import math
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import FakeTensor
 
 #: Elements per quantization block. bitsandbytes' blockwise 8-bit optimizers hard-code 256 when
 #: they create their 8-bit state (``blocksize = 256`` in ``Optimizer2State.init_state`` and
@@ -91,7 +93,17 @@ def _check_map_args(signed: bool, max_exponent_bits: int, total_bits: int) -> No
 
 
 @functools.cache
-def _dynamic_map_cached(signed: bool, max_exponent_bits: int, total_bits: int, device: torch.device) -> Tensor:
+def _dynamic_map_values(signed: bool, max_exponent_bits: int, total_bits: int) -> tuple[float, ...]:
+    """The map's 256 fp32 values as Python floats (exact), built once on the CPU with real tensors
+    (also when the first call comes from inside ``FakeTensorMode``), so maps for fake and meta
+    tensors, and the zero code, need no tensor data."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        return tuple(_build_dynamic_map(signed, max_exponent_bits, total_bits).tolist())
+
+
+def _build_dynamic_map(signed: bool, max_exponent_bits: int, total_bits: int) -> Tensor:
     non_sign_bits = total_bits - 1
     # Bits of the linear fraction in the smallest decade; each larger decade has one more. The
     # unsigned map spends the sign bit on the fraction.
@@ -109,7 +121,7 @@ def _dynamic_map_cached(signed: bool, max_exponent_bits: int, total_bits: int, d
     # Maps of fewer than 8 bits are padded to 256 entries with zeros, as bitsandbytes does; the
     # padding repeats 0.0 (quantize_blockwise may pick any copy: they dequantize alike).
     values.append(torch.zeros(256 - 2**total_bits))
-    return torch.cat(values).sort().values.to(device)
+    return torch.cat(values).sort().values
 
 
 def dynamic_map(
@@ -146,20 +158,25 @@ def dynamic_map(
         device: where the map is returned. Default: CPU.
 
     Returns:
-        A 1-D float32 tensor of 256 ascending values: a copy of a map built once per
-        (arguments, device) and cached, so callers may modify it (bitsandbytes' C quantizer has
-        written ``code[0] = -1`` into the map it was given) without affecting other callers.
+        A new 1-D float32 tensor of 256 ascending values (built once per arguments and cached as
+        Python floats), so callers may modify it (bitsandbytes' C quantizer has written
+        ``code[0] = -1`` into the map it was given) without affecting other callers. Works for
+        ``meta`` and fake (``FakeTensorMode``) devices too.
 
     Reference: Dettmers, "8-Bit Approximations for Parallelism in Deep Learning", ICLR 2016;
     Dettmers, Lewis, Shleifer & Zettlemoyer, "8-bit Optimizers via Block-wise Quantization",
     ICLR 2022.
     """
     _check_map_args(signed, max_exponent_bits, total_bits)
-    device = torch.device("cpu" if device is None else device)
-    if device.type != "cpu" and device.index is None:
-        # "cuda" and "cuda:0" are one device and must share one cache entry.
-        device = torch.device(device.type, torch.get_device_module(device.type).current_device())
-    return _dynamic_map_cached(bool(signed), max_exponent_bits, total_bits, device).clone()
+    values = _dynamic_map_values(bool(signed), max_exponent_bits, total_bits)
+    return torch.tensor(values, dtype=torch.float32, device=torch.device("cpu" if device is None else device))
+
+
+def zero_code(signed: bool = True, max_exponent_bits: int = 7, total_bits: int = 8) -> int:
+    """The code of 0.0 in :func:`dynamic_map` (the first of the map's zeros, as
+    ``searchsorted(map, 0.0)`` finds it): what a moment of zeros is stored as."""
+    _check_map_args(signed, max_exponent_bits, total_bits)
+    return bisect.bisect_left(_dynamic_map_values(bool(signed), max_exponent_bits, total_bits), 0.0)
 
 
 # --- argument checks ----------------------------------------------------------------------------
@@ -255,6 +272,9 @@ def _build_bucket_table(code: Tensor) -> tuple[Tensor, Tensor, int]:
 def _searchsorted_into(code: Tensor, v: Tensor, out: Tensor, scratch: Tensor, mask: Tensor) -> None:
     """``out = searchsorted(code, v)`` (int32) for fp32 ``v``; ``scratch`` (fp32) and ``mask``
     (bool): buffers like ``v``. NaN gets an unspecified index the caller clamps."""
+    if code.device.type == "meta" or isinstance(code, FakeTensor):  # no values to build a table from
+        torch.searchsorted(code, v, out_int32=True, out=out)
+        return
     table, padded, corrections = _bucket_table(code)
     if corrections > 4:  # a map with codes closer than a bf16 step: binary search
         torch.searchsorted(code, v, out_int32=True, out=out)

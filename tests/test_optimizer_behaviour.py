@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import galore_opt.optim.base as base
-from galore_opt import GaLoreAdamW, galore_param_groups
+from galore_opt import GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from galore_opt import config as C
 
 
@@ -215,3 +215,48 @@ def test_galore_torch_numerics_refresh_before_the_update(monkeypatch):
     opt = GaLoreAdamW([{"params": [v], "rank": 3, "update_proj_gap": 2, "stagger_refresh": False}])
     _step_with_random_grads(opt, [v], 3)
     assert order == ["refresh", "update", "update", "update", "refresh"]
+
+
+@pytest.mark.parametrize("scale", [1e20, 1e30])
+@pytest.mark.parametrize("method", ["power", "randomized", "svd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit])
+def test_huge_finite_gradient_keeps_basis_and_weights_finite(cls, dtype, method, scale):
+    # G G^T P overflowed from max|G| ~ 1e19 although G was finite: the basis, then the weights,
+    # became NaN for good. The products are now scaled by a power of two set by max|G|.
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(8, 12, dtype=dtype))
+    ref = nn.Parameter(w.detach().float().clone())
+    opt = cls([{"params": [w], "rank": 2, "update_proj_gap": 2, "stagger_refresh": False, "proj_method": method}])
+    adamw = torch.optim.AdamW([ref], lr=1e-3)
+    for step in range(8):
+        g = torch.randn(8, 12)
+        if step in (2, 3):  # a warm refresh step and a steady one
+            g = g * scale
+        w.grad, ref.grad = g.to(dtype), g.clone()
+        opt.step()
+        adamw.step()
+        stored = opt.state[w][C.BASIS_LEFT]  # the 8-bit optimizer stores it in bf16
+        basis = stored.float()
+        assert torch.isfinite(basis).all(), step
+        tol = 2e-2 if stored.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(basis.t() @ basis, torch.eye(2), atol=tol, rtol=0)
+        assert torch.isfinite(ref).all() and torch.isfinite(w).all(), step
+
+
+def test_overflow_scale_is_an_exact_power_of_two():
+    from galore_opt.projector import overflow_scale
+
+    for value, want in ((0.0, 1.0), (0.5, 1.0), (0.999, 1.0), (1.0, 0.5), (3.0, 0.25), (1e20, 2.0**-67),
+                        (3e38, 2.0**-126), (float("inf"), 1.0), (float("nan"), 1.0)):  # fmt: skip
+        s = overflow_scale(torch.tensor(value))
+        assert s.dtype == torch.float32 and s.dim() == 0
+        assert float(s) == want, (value, float(s))
+    # ordinary gradients (max |G| < 1) refresh exactly as without the scale
+    g = torch.randn(30, 40) * 0.01
+    prev = torch.linalg.qr(torch.randn(30, 4)).Q
+    from galore_opt.projector import compute_basis
+
+    left, _ = compute_basis(g, 4, "left", "power", prev_left=prev)
+    q = torch.linalg.qr(g @ (g.t() @ prev)).Q
+    assert torch.equal(left, q)

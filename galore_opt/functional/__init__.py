@@ -14,16 +14,18 @@ from .adamw import adamw_update, galore_adamw_update
 IMPLS = ("auto", "reference", "triton")
 
 
-def triton_usable(device: torch.device) -> bool:
-    """Whether Triton kernels can run on ``device``: a CUDA device with Triton importable, or
-    Triton's interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported)."""
+def triton_usable(device: torch.device | torch.Tensor) -> bool:
+    """Whether Triton kernels can run on ``device`` (or a tensor's): a CUDA device with Triton
+    importable, a fake CUDA tensor, or Triton's interpreter for CPU tensors
+    (``TRITON_INTERPRET=1`` set before the kernels are imported)."""
     from galore_opt.kernels import triton_usable as _usable
 
     return _usable(device)
 
 
-def resolve_impl(impl: str, device: torch.device, kernel: str | None = None) -> str:
-    """Map a requested ``impl`` to the implementation that runs on ``device``.
+def resolve_impl(impl: str, device: torch.device | torch.Tensor, kernel: str | None = None) -> str:
+    """Map a requested ``impl`` to the implementation that runs on ``device`` (or on a tensor:
+    a fake CUDA tensor counts as CUDA, see :func:`galore_opt.kernels.triton_usable`).
 
     ``kernel`` names the fused kernel the optimizer would use (``None``: it has none).
     ``"reference"`` always works. ``"auto"`` takes the Triton kernel where it ships and Triton can
@@ -41,12 +43,13 @@ def resolve_impl(impl: str, device: torch.device, kernel: str | None = None) -> 
         if not available:
             raise ValueError(
                 f"impl='triton' was requested but no fused Triton kernel ({kernel or 'none for this optimizer'}) "
-                "is available (is Triton installed?); use impl='reference' or 'auto'"
+                f"is available (is Triton {'.'.join(map(str, kernels.TRITON_MIN_VERSION))} or newer installed?); "
+                "use impl='reference' or 'auto'"
             )
         if not kernels.triton_usable(device):
             raise ValueError(
                 f"impl='triton' needs a CUDA device with Triton, or TRITON_INTERPRET=1 for CPU "
-                f"tensors; got a tensor on {device}"
+                f"tensors; got a tensor on {device.device if isinstance(device, torch.Tensor) else device}"
             )
         return "triton"
     return "triton" if available and kernels.triton_usable(device) else "reference"
@@ -61,4 +64,12 @@ def check_impl(impl: str, kernel: str | None) -> None:
         resolve_impl(impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"), kernel)
 
 
-__all__ = ["IMPLS", "check_impl", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]
+def kernel_ops():
+    """The kernels' operator namespace, ``torch.ops.galore_opt`` (registered on first use by
+    :mod:`galore_opt.kernels.ops`, which imports torch only)."""
+    import galore_opt.kernels.ops  # noqa: F401
+
+    return torch.ops.galore_opt
+
+
+__all__ = ["IMPLS", "check_impl", "kernel_ops", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]

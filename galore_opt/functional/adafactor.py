@@ -94,7 +94,14 @@ def _torch_adafactor(param, grad, state, step_t, left, right, galore, scale, lr,
     step_float = step_t.item()
     one_minus_beta2_t = step_float**beta2_decay
     rho_t = min(lr, 1 / (step_float**0.5))
-    alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+    # torch reads the two norms on the host (.item()); off the CPU they stay on the device, in
+    # float64 as torch computes them in Python (a CUDA step then never synchronizes; the final
+    # scaling is one multiply instead of add's alpha, so the last bit may differ from torch's)
+    on_host = param.device.type == "cpu"
+    if on_host:
+        alpha = max(eps2, param.norm(2).item() / (param.numel() ** 0.5)) * rho_t
+    else:
+        alpha = (param.norm(2).double() / (param.numel() ** 0.5)).clamp_(min=eps2) * rho_t
     if weight_decay != 0:
         param.mul_(1 - lr * weight_decay)
     if galore:
@@ -113,12 +120,17 @@ def _torch_adafactor(param, grad, state, step_t, left, right, galore, scale, lr,
         var_estimate = variance.clone()
     update = var_estimate.clamp_(min=eps1 * eps1).rsqrt_()
     update.mul_(grad)
-    denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
-    if not galore:
-        param.add_(update, alpha=-alpha / denom)
-        return
-    back = project_back(update, None if left is None else left.to(update.dtype), None if right is None else right.to(update.dtype))
-    param.add_(back.to(param.dtype), alpha=-alpha * scale / denom)
+    if on_host:
+        denom = max(1.0, update.norm(2).item() / ((update.numel() ** 0.5) * d))
+    else:
+        denom = (update.norm(2).double() / ((update.numel() ** 0.5) * d)).clamp_(min=1.0)
+    if galore:
+        update = project_back(update, None if left is None else left.to(update.dtype), None if right is None else right.to(update.dtype))
+        alpha = alpha * scale
+    if on_host:
+        param.add_(update.to(param.dtype), alpha=-alpha / denom)
+    else:
+        param.add_(update.to(param.dtype) * (-alpha / denom).to(update.dtype))
 
 
 def _galore_torch_adafactor(

@@ -1,5 +1,6 @@
 """Rounding helpers shared by the Triton kernels: in-kernel rounding to a storage dtype, and the
-host-side scalar arguments of the Adam moment kernels."""
+host-side scalar arguments of the Adam moment kernels. Imports Triton only (no torch), so the
+kernels compile ahead of time in a Triton-only environment (:mod:`galore_opt.kernels.aot`)."""
 
 import triton
 import triton.language as tl
@@ -9,11 +10,13 @@ import triton.language as tl
 def round_to(x, dtype: tl.constexpr):
     """fp32 ``x`` rounded to ``dtype`` (nearest even), returned as fp32. bf16 by bit arithmetic:
     Triton's interpreter truncates on an fp32 -> bf16 cast, GPUs round to nearest; this gives the
-    GPU's (and torch's) result in both (finite values; a NaN may come back as inf)."""
+    GPU's (and torch's) result in both. A NaN stays NaN: the carry of the rounding would turn some
+    NaN bit patterns (e.g. 0x7FFFFFFF) into -0.0 or inf, so a NaN becomes the quiet NaN 0x7FC00000,
+    which every later bf16 cast (truncating or rounding) keeps a NaN."""
     if dtype == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(x != x, float("nan"), bits.to(tl.float32, bitcast=True))
     elif dtype == tl.float16:
         return x.to(tl.float16).to(tl.float32)
     else:

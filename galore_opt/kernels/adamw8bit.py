@@ -16,84 +16,21 @@ Hyperparameters are runtime arguments; only the block size is a ``tl.constexpr``
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
 from torch import Tensor
 
+from . import configs
 from ._rounding import adam_scalars
-from ._rounding import round_to as _round
-
-
-@triton.jit
-def _nearest_code(x, code_ptr):
-    # Largest i with code[i] <= x (0 if none), by an 8-step binary search over the sorted map,
-    # then the nearer of code[i] and code[i + 1]; ties go to the lower index (as the reference).
-    i = tl.zeros(x.shape, dtype=tl.int32)
-    for shift in tl.static_range(8):
-        step = 128 >> shift
-        cand = i + step
-        ok = (cand <= 255) & (tl.load(code_ptr + tl.minimum(cand, 255)) <= x)
-        i = tl.where(ok, cand, i)
-    lo = tl.load(code_ptr + i)
-    hi = tl.load(code_ptr + tl.minimum(i + 1, 255))
-    d_lo = tl.abs(x - lo)
-    d_hi = tl.abs(hi - x)
-    return tl.where((i < 255) & (d_hi < d_lo), i + 1, i)
-
-
-@triton.jit
-def _adamw8bit_block_kernel(
-    grad_ptr,
-    m_codes_ptr,
-    m_absmax_ptr,
-    v_codes_ptr,
-    v_absmax_ptr,
-    norm_ptr,
-    signed_code_ptr,
-    unsigned_code_ptr,
-    n_elements,
-    one_minus_beta1,
-    beta2,
-    one_minus_beta2,
-    eps,
-    bias_correction2_sqrt,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n_elements
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m_code = tl.load(m_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    v_code = tl.load(v_codes_ptr + offs, mask=mask, other=0).to(tl.int32)
-    m = tl.load(signed_code_ptr + m_code) * tl.load(m_absmax_ptr + pid)
-    v = tl.load(unsigned_code_ptr + v_code) * tl.load(v_absmax_ptr + pid)
-
-    # torch: exp_avg.lerp_(g, 1 - beta1) (an fma); exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2);
-    # correctly rounded sqrt and divisions, as torch's (tl.sqrt may be approximate on GPUs)
-    m = tl.fma(one_minus_beta1, g - m, m)
-    v = v * beta2
-    v = v + one_minus_beta2 * g * g
-    m = tl.where(mask, m, 0.0)
-    v = tl.where(mask, v, 0.0)
-    denom = tl.math.div_rn(tl.sqrt_rn(v), bias_correction2_sqrt) + eps
-    out_dtype = norm_ptr.dtype.element_ty
-    tl.store(norm_ptr + offs, _round(tl.math.div_rn(m, denom), out_dtype).to(out_dtype), mask=mask)
-
-    m_absmax = tl.max(tl.abs(m), axis=0)
-    v_absmax = tl.max(v, axis=0)
-    m_x = tl.where(m_absmax > 0, tl.math.div_rn(m, tl.maximum(m_absmax, 1e-38)), 0.0)
-    v_x = tl.where(v_absmax > 0, tl.math.div_rn(v, tl.maximum(v_absmax, 1e-38)), 0.0)
-    tl.store(m_codes_ptr + offs, _nearest_code(m_x, signed_code_ptr).to(tl.uint8), mask=mask)
-    tl.store(v_codes_ptr + offs, _nearest_code(v_x, unsigned_code_ptr).to(tl.uint8), mask=mask)
-    tl.store(m_absmax_ptr + pid, m_absmax)
-    tl.store(v_absmax_ptr + pid, v_absmax)
+from .jit import adamw8bit_block_kernel
 
 
 def _check(grad: Tensor, m_codes: Tensor, m_absmax: Tensor, v_codes: Tensor, v_absmax: Tensor, block_size: int) -> None:
     n = grad.numel()
     blocks = -(-n // block_size)
-    if block_size & (block_size - 1) or block_size < 16:
-        raise ValueError(f"block_size must be a power of two >= 16 for the Triton kernel, got {block_size}")
+    if block_size not in configs.ADAMW8BIT_BLOCKS:
+        raise ValueError(
+            f"block_size must be a power of two from {configs.ADAMW8BIT_BLOCKS[0]} to {configs.ADAMW8BIT_BLOCKS[-1]} "
+            f"for the Triton kernel, got {block_size}"
+        )
     for name, t, numel, dtype in (
         ("m_codes", m_codes, n, torch.uint8),
         ("v_codes", v_codes, n, torch.uint8),
@@ -132,20 +69,17 @@ def fused_adamw8bit(
     n = grad.numel()
     if n == 0:
         return norm
-    grid = (-(-n // block_size),)
-    _adamw8bit_block_kernel[grid](
-        grad,
-        m_codes,
-        m_absmax,
-        v_codes,
-        v_absmax,
-        norm,
-        signed_code,
-        unsigned_code,
-        n,
-        *adam_scalars(beta1, beta2, eps, step),
-        BLOCK=block_size,
-    )
+    scalars = adam_scalars(beta1, beta2, eps, step)
+    flat = [t.view(-1) for t in (grad, m_codes, v_codes, norm)]
+    # 32-bit offsets in the kernel: a tensor of 2^31 elements or more is processed in several launches
+    for start in range(0, n, configs.MAX_LAUNCH_ELEMENTS):
+        stop = min(start + configs.MAX_LAUNCH_ELEMENTS, n)
+        b0, b1 = start // block_size, -(-stop // block_size)
+        g, mc, vc, out = (t[start:stop] for t in flat)
+        adamw8bit_block_kernel[(b1 - b0,)](
+            g, mc, m_absmax[b0:b1], vc, v_absmax[b0:b1], out, signed_code, unsigned_code, stop - start, *scalars,
+            BLOCK=block_size, num_warps=configs.adamw8bit_warps(block_size),
+        )  # fmt: skip
     return norm
 
 

@@ -19,6 +19,13 @@ from ..projector import choose_side, compute_basis, project, refresh_seed
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def _select(ok: Tensor, new: Tensor, prev: Tensor) -> Tensor:
+    """``new`` where ``ok`` (a 0-dim device bool), else ``prev``: elementwise, so when both share a
+    memory layout (an SVD refresh of an SVD basis: LAPACK's column-major) the result keeps it, and
+    with it the BLAS path of every later projection."""
+    return torch.where(ok, new, prev.to(new.dtype))
+
+
 class GaLoreOptimizer(torch.optim.Optimizer):
     """Base class: a ``torch.optim.Optimizer`` whose param groups with a ``rank`` key are GaLore
     groups (galore-torch's convention); all other groups are updated in full.
@@ -228,20 +235,21 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         was due at, which seeds it). ``projected``: ``grad`` projected with the current basis, in
         fp32 (see :func:`galore_opt.projector.compute_basis`).
 
-        A gradient with NaN/Inf never reaches the basis: the previous basis is kept (its next
-        scheduled refresh tries again); on a cold start the non-finite entries are zeroed first.
-        The check is ``isfinite(sum(G))`` (one reduction, no temporaries; ``torch.isfinite(G).all()``
-        costs ~2 ms and 7 bytes per element on a 1376x512 CPU gradient): a NaN or an inf makes the
-        sum non-finite; so would finite values summing past the dtype's range (~3e38), which then
-        count as non-finite too.
+        A gradient with NaN/Inf never reaches the basis: on a warm refresh the previous basis is
+        kept (its next scheduled refresh tries again), on a cold start the non-finite entries are
+        zeroed first. The check reads no value on the host (a CUDA refresh does not synchronize):
+        ``max |G|`` is one reduction, and the new basis replaces the old one by a device-side
+        select where ``max |G|`` and the new basis are finite. ``max |G|`` also sets the
+        power-of-two scale that keeps the power method's products from overflowing on a huge
+        finite gradient (:func:`galore_opt.projector.overflow_scale`).
         """
         state = self.state[p]
         prev_left, prev_right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
         cold = prev_left is None and prev_right is None
-        if not bool(torch.isfinite(grad.sum())):
-            if not cold:
-                return
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        if cold:  # zero the non-finite entries (in the fp32 copy, or in a copy of an fp32 gradient)
+            g = grad.detach().float()
+            grad = g.nan_to_num_(0.0, 0.0, 0.0) if g is not grad else torch.nan_to_num(g, 0.0, 0.0, 0.0)
+        max_abs = torch.linalg.vector_norm(grad, float("inf"))
         if projected is not None and (projected.dtype != torch.float32 or side not in (C.LEFT, C.RIGHT)):
             projected = None  # the basis is computed in fp32 from the fp32 gradient
         left, right = compute_basis(
@@ -256,8 +264,18 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             seed=refresh_seed(self.defaults.get("seed", 0), index, step),
             align=group["align_basis"],
             projected=projected,
+            max_abs=max_abs,
         )
         dtype = _DTYPES[group["basis_dtype"]] if group["basis_dtype"] else p.dtype
+        if not cold:
+            ok = torch.isfinite(max_abs)
+            for new in (left, right):
+                if new is not None:
+                    ok = ok & torch.isfinite(new).all()
+            if left is not None and prev_left is not None:
+                left = _select(ok, left, prev_left)
+            if right is not None and prev_right is not None:
+                right = _select(ok, right, prev_right)
         if left is not None:
             state[C.BASIS_LEFT] = left.to(dtype)
         if right is not None:

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from .. import config as C
-from ..functional import adamw_update, check_impl, galore_adamw_update, resolve_impl
+from ..functional import adamw_update, check_impl, galore_adamw_update, kernel_ops, resolve_impl
 from ..functional.adamw import bases_for_compute
 from ..projector import project
 from .base import GaLoreOptimizer
@@ -128,13 +128,9 @@ class GaLoreAdamW(GaLoreOptimizer):
             or exp_avg.dtype != exp_avg_sq.dtype
         ):
             return False
-        from galore_opt.kernels.galore_adamw import lowrank_adam
-
         step, low, left_c, right_c, compute_dtype = self._fused_project(param, grad, state, left, right, low)
         beta1, beta2 = group["betas"]
-        norm = lowrank_adam(
-            low, exp_avg, exp_avg_sq, beta1=beta1, beta2=beta2, eps=group["eps"], step=step, out_dtype=compute_dtype
-        )
+        norm = kernel_ops().lowrank_adam(low, exp_avg, exp_avg_sq, beta1, beta2, group["eps"], step, compute_dtype)
         self._fused_update(param, norm, left_c, right_c, group, step)
         return True
 
@@ -152,12 +148,10 @@ class GaLoreAdamW(GaLoreOptimizer):
     @staticmethod
     def _fused_update(param, norm, left_c, right_c, group, step) -> None:
         """``W <- (1 - lr wd) W - lr scale / bc1 * back(N)`` in one Triton GEMM (one side projected)."""
-        from galore_opt.kernels.galore_adamw import project_back_update
-
         lr, beta1 = group["lr"], group["betas"][0]
         a, b = (left_c, norm) if left_c is not None else (norm, right_c)
-        project_back_update(
-            param, a, b, alpha=-lr * group["scale"] / (1 - beta1**step), decay=1 - lr * group["weight_decay"]
+        kernel_ops().project_back_update(
+            param, a, b, -lr * group["scale"] / (1 - beta1**step), 1 - lr * group["weight_decay"]
         )
 
     def _full_step(self, group, p, state, hyper) -> bool:
@@ -233,7 +227,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """The GaLore update of the 2-D ``param`` with the bases ``left`` / ``right``: the fused
         Triton path when the dispatch picks it and it applies, else the reference path. ``low``:
         the gradient already projected (``grad`` is then not read)."""
-        if resolve_impl(group["impl"], p.device, self._kernel) == "triton" and self._fused_galore_step(
+        if resolve_impl(group["impl"], p, self._kernel) == "triton" and self._fused_galore_step(
             param, grad, state, left, right, group, low
         ):
             return

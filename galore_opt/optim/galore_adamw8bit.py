@@ -9,8 +9,9 @@ import torch
 from torch import Tensor
 
 from .. import config as C
-from ..functional import resolve_impl
+from ..functional import kernel_ops, resolve_impl
 from ..functional.adamw import adamw_apply
+from ..kernels.configs import ADAMW8BIT_BLOCKS
 from ..quant import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_CHUNK_SIZE,
@@ -18,6 +19,7 @@ from ..quant import (
     dequantize_blockwise,
     dynamic_map,
     quantize_blockwise,
+    zero_code,
 )
 from .galore_adamw import GaLoreAdamW
 
@@ -103,15 +105,13 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         numerics, both sides projected and block sizes the kernel does not take stay on the
         reference path."""
         block = self._block_size
-        if C.EXP_AVG_CODES not in state or group["numerics"] != "torch" or block & (block - 1) or block < 16:
+        if C.EXP_AVG_CODES not in state or group["numerics"] != "torch" or block not in ADAMW8BIT_BLOCKS:
             return False
         if (left is None) == (right is None):
             return False
-        from galore_opt.kernels.adamw8bit import fused_adamw8bit
-
         step, low, left_c, right_c, compute_dtype = self._fused_project(param, grad, state, left, right, low)
         beta1, beta2 = group["betas"]
-        norm = fused_adamw8bit(
+        norm = kernel_ops().adamw8bit(
             low,
             state[C.EXP_AVG_CODES],
             state[C.EXP_AVG_ABSMAX],
@@ -119,12 +119,12 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             state[C.EXP_AVG_SQ_ABSMAX],
             self._map(True, low.device),
             self._map(False, low.device),
-            beta1=beta1,
-            beta2=beta2,
-            eps=group["eps"],
-            step=step,
-            block_size=block,
-            out_dtype=compute_dtype,
+            beta1,
+            beta2,
+            group["eps"],
+            step,
+            block,
+            compute_dtype,
         )
         self._fused_update(param, norm, left_c, right_c, group, step)
         return True
@@ -138,11 +138,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         chunk = max(1, self.FULL_CHUNK // block) * block
         use_kernel = (
             hyper["numerics"] == "torch"
-            and not (block & (block - 1) or block < 16)
-            and resolve_impl(group["impl"], p.device, self._kernel) == "triton"
+            and block in ADAMW8BIT_BLOCKS
+            and resolve_impl(group["impl"], p, self._kernel) == "triton"
         )
-        if use_kernel:
-            from galore_opt.kernels.adamw8bit import fused_adamw8bit
         step_t = state[C.STEP]
         step_t += 1
         step = step_t.item()
@@ -154,13 +152,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         for start in range(0, flat_p.numel(), chunk):
             stop = min(start + chunk, flat_p.numel())
             b0, b1 = start // block, -(-stop // block)
-            pc, gc = flat_p[start:stop], flat_g[start:stop]
-            codes_m, codes_v = m_codes[start:stop], v_codes[start:stop]
-            amax_m, amax_v = m_absmax[b0:b1], v_absmax[b0:b1]
+            # narrow, not [a:b]: the same view without Python indexing's device guard (which a
+            # fake CUDA tensor on a CPU-only build cannot take)
+            pc, gc = flat_p.narrow(0, start, stop - start), flat_g.narrow(0, start, stop - start)
+            codes_m, codes_v = m_codes.narrow(0, start, stop - start), v_codes.narrow(0, start, stop - start)
+            amax_m, amax_v = m_absmax.narrow(0, b0, b1 - b0), v_absmax.narrow(0, b0, b1 - b0)
             if use_kernel:
-                norm = fused_adamw8bit(
-                    gc, codes_m, amax_m, codes_v, amax_v, signed, unsigned, beta1=beta1, beta2=hyper["beta2"],
-                    eps=hyper["eps"], step=step, block_size=block, out_dtype=torch.float32,
+                norm = kernel_ops().adamw8bit(
+                    gc, codes_m, amax_m, codes_v, amax_v, signed, unsigned, beta1, hyper["beta2"], hyper["eps"], step,
+                    block, torch.float32,
                 )  # fmt: skip
                 if wd != 0:
                     pc.mul_(1 - lr * wd)
@@ -197,8 +197,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             (C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, True),
             (C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX, False),
         ):
-            zero_code = int(torch.searchsorted(self._map(signed, torch.device("cpu")), torch.tensor(0.0)))
-            state[codes_key] = torch.full(shape, zero_code, dtype=torch.uint8, device=p.device)
+            state[codes_key] = torch.full(shape, zero_code(signed), dtype=torch.uint8, device=p.device)
             state[absmax_key] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
 
     def _load_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
