@@ -91,6 +91,8 @@ def _check_convention(convention: str) -> None:
 def _neurips_gate(d_outputs: float, d_inputs: float) -> bool:
     """The NeurIPS'23 code's gate: outputs' mean degree >= 3 and inputs' > 1."""
     return d_outputs >= MIN_MEAN_DEGREE and d_inputs > 1.0
+
+
 SOLVERS = ("auto", "svd", "gram", "lobpcg")
 
 
