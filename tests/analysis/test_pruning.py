@@ -353,3 +353,24 @@ def test_grasp_reinit_linear_scores_with_xavier_weights():
         grasp_scores(model, [(x, y)], reinit_linear=True, convention="library")
     with pytest.raises(ValueError, match="'tanaka'"):
         prune_at_init(model, "grasp", 0.5, data=[(x, y)], convention="tanaka")
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_synflow_rounds_replay_synaptic_flow_prune_loop(scope):
+    """prune_loop(schedule="exponential"): round e keeps score > kthvalue(int((1 - d^((e+1)/E)) n))."""
+    model = cnn(3)
+    rounds, density = 7, 0.1
+    got = prune_at_init(model, "synflow", density, input_shape=(1, 6, 6), rounds=rounds, scope=scope)
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in model.named_modules() if n in got}
+    for epoch in range(rounds):
+        scores = synflow_scores(model, (1, 6, 6), masks=masks)
+        sparse = density ** ((epoch + 1) / rounds)
+        groups = [list(scores)] if scope == "global" else [[n] for n in scores]
+        for names in groups:
+            flat = torch.cat([scores[n].flatten() for n in names])
+            k = int((1.0 - sparse) * flat.numel())
+            if k >= 1:
+                threshold = torch.kthvalue(flat, k).values
+                for n in names:
+                    masks[n] = scores[n] > threshold
+    assert all(torch.equal(got[n], masks[n]) for n in got)
