@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 __all__ = [
+    "NTK_CONVENTIONS",
     "NTK_MODES",
     "NTKLinear",
     "default_output",
@@ -45,6 +46,10 @@ __all__ = [
 ]
 
 NTK_MODES = ("sum", "full", "trace")
+#: ``"tutorial"``: every trainable parameter, each sample on its own, the model's mode (PyTorch's
+#: NTK tutorial; default); ``"tenas"``: parameters named ``*weight*``, train mode, the whole batch
+#: in one forward pass (TE-NAS's ``get_ntk_n``)
+NTK_CONVENTIONS = ("tutorial", "tenas")
 
 
 def default_output(out: Any) -> Tensor:
@@ -63,10 +68,12 @@ def default_output(out: Any) -> Tensor:
     raise ValueError(f"cannot read a tensor from a model output of type {type(out).__name__}; pass output_fn")
 
 
-def _select_params(model: nn.Module, params: Iterable[str] | str | None) -> dict[str, Tensor]:
+def _select_params(
+    model: nn.Module, params: Iterable[str] | str | None, weights_only: bool = False
+) -> dict[str, Tensor]:
     named = dict(model.named_parameters())
     if params is None:
-        selected = {n: p for n, p in named.items() if p.requires_grad}
+        selected = {n: p for n, p in named.items() if p.requires_grad and (not weights_only or "weight" in n)}
     else:
         names = [params] if isinstance(params, str) else list(params)
         unknown = [n for n in names if n not in named]
@@ -105,6 +112,7 @@ def empirical_ntk(
     param_scales: Mapping[str, Tensor | float] | None = None,
     chunk_size: int = 32,
     output_fn: Callable[[Any], Tensor] | None = None,
+    convention: str = "tutorial",
 ) -> Tensor:
     r"""Empirical NTK of ``model`` between the probe batches ``x`` and ``x2``.
 
@@ -112,9 +120,18 @@ def empirical_ntk(
         \Theta(x_i, x'_j) = \sum_{\theta} \frac{\partial f(x_i)}{\partial \theta}
         \frac{\partial f(x'_j)}{\partial \theta}^\top
 
-    Each sample is passed through the model alone (batch of one, under ``vmap``), so the model must
-    not mix samples: put BatchNorm/dropout models in ``eval()`` mode first. Gradients flow only to
-    the selected parameters; the others and the buffers are held fixed.
+    With ``convention="tutorial"`` (default, as PyTorch's NTK tutorial) each sample is passed
+    through the model alone (batch of one, under ``vmap``), so the model must not mix samples: put
+    BatchNorm/dropout models in ``eval()`` mode first. Gradients flow only to the selected
+    parameters (default: all trainable ones); the others and the buffers are held fixed.
+
+    With ``convention="tenas"`` (TE-NAS's ``get_ntk_n``, ``train_mode=True``) the default
+    parameters are those whose name contains ``"weight"`` (BatchNorm weights included, biases
+    left out), the model runs in train mode (restored afterwards; its buffers are not modified)
+    and each of ``x`` and ``x2`` goes through it as one batch, so BatchNorm normalizes with that
+    batch's statistics and a sample's gradient depends on the rest of its batch; per-sample
+    gradients come from one backward pass per sample (per output for ``"full"``/``"trace"``),
+    and ``chunk_size`` does not apply.
 
     Args:
         model (nn.Module): the network; the kernel is computed on its device and in its dtype.
@@ -134,6 +151,7 @@ def empirical_ntk(
         output_fn (callable, optional): maps the model's output to the tensor to differentiate;
             default :func:`default_output` (the tensor, ``logits`` of a mapping/ModelOutput, or the
             first element of a tuple). The per-sample output is flattened to ``K`` values.
+        convention (str): ``"tutorial"`` (default) or ``"tenas"``; see above.
 
     Returns:
         Tensor: shape ``(N, M)`` for ``"sum"`` and ``"trace"``, ``(N, M, K, K)`` for ``"full"``.
@@ -143,13 +161,15 @@ def empirical_ntk(
     """
     if mode not in NTK_MODES:
         raise ValueError(f"mode must be one of {NTK_MODES}, got {mode!r}")
+    if convention not in NTK_CONVENTIONS:
+        raise ValueError(f"convention must be one of {NTK_CONVENTIONS}, got {convention!r}")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[0] == 0:
         raise ValueError(f"x must be a tensor with at least one sample, got {type(x).__name__}")
     if x2 is not None and (not isinstance(x2, Tensor) or x2.dim() < 1 or x2.shape[0] == 0):
         raise ValueError(f"x2 must be a tensor with at least one sample, got {type(x2).__name__}")
-    selected = _select_params(model, params)
+    selected = _select_params(model, params, weights_only=convention == "tenas")
     names = list(selected)
     like = next(iter(selected.values()))
     scales: dict[str, Tensor] = {}
@@ -201,6 +221,9 @@ def empirical_ntk(
             block = b if block is None else block + b
         return block
 
+    if convention == "tenas":
+        return _tenas_ntk(model, x, x2, mode, selected, scales, read)
+
     with torch.no_grad():
         x = _prepare_input(x, like)
         rows = _chunks(x.shape[0], chunk_size)
@@ -229,6 +252,59 @@ def empirical_ntk(
             row = [contract(ji, col_jac if col_jac is not None else jac(x2[cj])) for cj in cols]
             out_rows.append(torch.cat(row, dim=1))
         return torch.cat(out_rows, dim=0)
+
+
+def _tenas_ntk(
+    model: nn.Module,
+    x: Tensor,
+    x2: Tensor | None,
+    mode: str,
+    selected: dict[str, Tensor],
+    scales: dict[str, Tensor],
+    read: Callable[[Any], Tensor],
+) -> Tensor:
+    """TE-NAS-style kernel: train mode, whole-batch forward, one backward per sample (output)."""
+    names = list(selected)
+    like = next(iter(selected.values()))
+
+    def batch_jacobian(xb: Tensor) -> Tensor:
+        leaves = {n: p.detach().clone().requires_grad_(True) for n, p in selected.items()}
+        state = {n: p.detach() for n, p in model.named_parameters() if n not in leaves}
+        state.update({n: b.clone() for n, b in model.named_buffers()})  # running stats: a copy
+        was_training = model.training
+        model.train()
+        try:
+            with torch.enable_grad():
+                out = read(functional_call(model, {**state, **leaves}, (xb,)))
+                out = out.reshape(xb.shape[0], -1)
+                targets = out.sum(1, keepdim=True) if mode == "sum" else out
+                rows = []
+                for i in range(targets.shape[0]):
+                    per_output = []
+                    for k in range(targets.shape[1]):
+                        grads = torch.autograd.grad(
+                            targets[i, k], [leaves[n] for n in names], retain_graph=True, allow_unused=True
+                        )
+                        flat = [
+                            (torch.zeros_like(leaves[n]) if g is None else g * scales[n] if n in scales else g).reshape(
+                                -1
+                            )
+                            for n, g in zip(names, grads)
+                        ]
+                        per_output.append(torch.cat(flat))
+                    rows.append(torch.stack(per_output))
+        finally:
+            model.train(was_training)
+        return torch.stack(rows).detach()  # (N, K', P)
+
+    x = _prepare_input(x, like)
+    j1 = batch_jacobian(x)
+    j2 = j1 if x2 is None else batch_jacobian(_prepare_input(x2, like))
+    if mode == "sum":
+        return j1[:, 0] @ j2[:, 0].T
+    if mode == "full":
+        return torch.einsum("akp,blp->abkl", j1, j2)
+    return torch.einsum("akp,bkp->ab", j1, j2)
 
 
 def ntk_matrix(theta: Tensor) -> Tensor:

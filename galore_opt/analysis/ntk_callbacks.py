@@ -55,6 +55,9 @@ class NTKCallback(AnalysisCallback):
         output_fn (callable, optional): reads the tensor from the model's output.
         at_start (bool): also run at step 0. Default True.
         keep_kernels (bool): keep every kernel (CPU) in ``self.kernels``. Default False.
+        convention (str): ``"tutorial"`` (default: all trainable parameters, each sample alone, eval
+            mode) or ``"tenas"`` (weights only, train mode, the probe batch in one forward); see
+            :func:`galore_opt.analysis.ntk.empirical_ntk`.
 
     Reference: Jacot et al., NeurIPS 2018; Fort et al., NeurIPS 2020 (kernel distance).
     """
@@ -74,12 +77,16 @@ class NTKCallback(AnalysisCallback):
         output_fn: Callable[[Any], Tensor] | None = None,
         at_start: bool = True,
         keep_kernels: bool = False,
+        convention: str = "tutorial",
     ):
         super().__init__(every=every, at_start=at_start)
-        from .ntk import NTK_MODES
+        from .ntk import NTK_CONVENTIONS, NTK_MODES
 
         if mode not in NTK_MODES:
             raise ValueError(f"mode must be one of {NTK_MODES}, got {mode!r}")
+        if convention not in NTK_CONVENTIONS:
+            raise ValueError(f"convention must be one of {NTK_CONVENTIONS}, got {convention!r}")
+        self.convention = convention
         if isinstance(reference, str) and reference != "init":
             raise ValueError(f"reference must be 'init', a kernel tensor or None, got {reference!r}")
         if targets is not None and targets.shape[0] != probe_x.shape[0]:
@@ -106,6 +113,7 @@ class NTKCallback(AnalysisCallback):
             params=self.params,
             chunk_size=self.chunk_size,
             output_fn=self.output_fn,
+            convention=self.convention,
         )
         theta_cpu = theta.detach().to("cpu", torch.float64)
         out: dict[str, Any] = dict(ntk_eigen_metrics(theta_cpu))

@@ -19,15 +19,31 @@ Scores (one per weight of every Linear/Conv2d module; biases and norms are never
 * :func:`iterative_magnitude_pruning`: train, prune 20% of the surviving weights by magnitude,
   rewind the weights, repeat (Frankle & Carbin, ICLR 2019; rewinding: Frankle et al., ICML 2020).
 
-**Exact densities and ties.** A mask keeps exactly ``floor(density * n + 1/2)`` weights (``n``
-the number of weights in scope: all layers for ``scope="global"``, each layer for
-``"layerwise"``). Weights are ranked by a *stable* descending sort of the scores, so among equal
-scores the one that comes first (earlier layer in registration order, then lower flat index)
-is kept. NaN scores rank last. This differs from the papers' code, which keeps
-``score > threshold`` and so drops every weight tied at the threshold (its density can fall
-short). ERK distributes the rounding over layers by largest remainder so the global count is
-exact too. Scores are computed in eval mode (as the papers' code does); the model's training
-mode is restored afterwards.
+**Conventions.** ``prune_at_init(..., convention="authors")`` (the default) follows the
+authors' code where it differs from a plain top-k:
+
+* ``synflow``: Synaptic-Flow's ``Pruner._global_mask`` / ``_local_mask`` each round: with
+  ``k = int((1 - d_k) n)`` (``d_k = density^(k / rounds)``, ``n`` all weights in scope, pruned ones
+  included), the weights whose score is ``<= kthvalue(scores, k)`` are pruned, so a round keeps
+  ``n - k`` weights without ties (one more than ``round(d_k n)`` whenever ``d_k n`` has a fraction
+  below one half) and fewer when scores tie at the threshold.
+* ``grasp``: GraSP's own repository (``pruner/GraSP.py``): scored on a copy in *train* mode
+  (BatchNorm uses the batch statistics), each batch given split in two halves as its
+  ``GraSP_fetch_data`` batch is, scores divided by ``|sum| + 1e-10``; ``num_rm = int(n (1 -
+  keep_ratio))`` weights with the lowest scores are removed but the one at the threshold is kept
+  (``<=`` on the negated scores): ``n - num_rm + 1`` weights without ties. Its optional Xavier
+  re-initialisation of the Linear layers before scoring (on by default there, and random) is
+  ``grasp_reinit_linear=True``.
+
+``convention="library"`` keeps this library's own rule for both: exactly ``floor(density * n +
+1/2)`` weights (``n`` the number of weights in scope: all layers for ``scope="global"``, each
+layer for ``"layerwise"``), ranked by a *stable* descending sort of the scores, so among equal
+scores the one that comes first (earlier layer in registration order, then lower flat index) is
+kept; NaN scores rank last; GraSP scored in eval mode on the whole batches (Synaptic-Flow's
+variant). The other methods (random, magnitude, snip, iterative_snip, erk) always use that exact
+count; ERK distributes the rounding over layers by largest remainder so the global count is exact
+too. Scores other than GraSP's are computed in eval mode; the model's training mode is restored
+afterwards.
 
 **Keeping masks.** :class:`MaskKeeper` zeroes the masked gradients (tensor hooks) and re-applies
 the masks after every ``optimizer.step()`` (an optimizer step post-hook). The zeroed gradients
@@ -50,7 +66,9 @@ from torch import Tensor, nn
 from .graphs import GRAPH_MODULE_TYPES, prunable_modules
 
 __all__ = [
+    "CONVENTIONS",
     "PAI_METHODS",
+    "RULES",
     "MaskKeeper",
     "apply_masks",
     "erk_densities",
@@ -68,6 +86,18 @@ __all__ = [
 
 PAI_METHODS = ("random", "magnitude", "snip", "iterative_snip", "grasp", "synflow", "erk")
 SCOPES = ("global", "layerwise")
+#: ``"authors"``: Synaptic-Flow's per-round rounding for synflow, GraSP's repository for grasp
+#: (default); ``"library"``: exact counts and eval-mode GraSP (see the module docstring)
+CONVENTIONS = ("authors", "library")
+#: ``masks_from_scores`` rules: exact count, Synaptic-Flow's kthvalue threshold, GraSP's threshold
+RULES = ("exact", "synaptic_flow", "grasp")
+GRASP_EPS = 1e-10
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
 
 Batch = tuple[Tensor, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -190,34 +220,75 @@ def grasp_scores(
     loss_fn: LossFn = F.cross_entropy,
     exclude: tuple[str, ...] = (),
     temperature: float = 200.0,
+    convention: str = "authors",
+    reinit_linear: bool = False,
+    generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """GraSP scores ``theta * (H g)``: ``g`` the gradient of the loss on ``logits / temperature``
     summed over the batches, ``H g`` its Hessian-vector product; the highest scores are kept.
-    Normalized by ``|sum|`` (ranking unchanged).
+
+    Args:
+        model (nn.Module): the network (not modified).
+        data: ``(inputs, targets)`` or an iterable of such batches.
+        loss_fn: the loss. Default cross entropy.
+        exclude: module-name fragments not pruned.
+        temperature (float): logit temperature ``T``. Default 200.
+        convention (str): ``"authors"`` (default), as GraSP's repository: a copy of the model in
+            train mode (BatchNorm on batch statistics), every batch split into its two halves
+            ``[:N//2]`` and ``[N//2:]`` (``g`` and ``H g`` summed over the halves), scores divided
+            by ``|sum| + 1e-10``. ``"library"``: the model in eval mode, whole batches, divided by
+            ``|sum|`` (Synaptic-Flow's variant).
+        reinit_linear (bool): re-initialize the copy's Linear weights with Xavier-normal before
+            scoring, as GraSP's repository does by default (``reinit=True``); the scores then use
+            those weights while the masks apply to the model's own. Default False.
+        generator (torch.Generator, optional): for ``reinit_linear``.
 
     Reference: Wang, Zhang, Grosse. "Picking Winning Tickets Before Training by Preserving
-    Gradient Flow", ICLR 2020.
+    Gradient Flow", ICLR 2020 (code: alecwangcq/GraSP).
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    _check_convention(convention)
     mods = _modules(model, exclude)
     batches = _as_batches(data, "grasp")
-    weights = [_weight(m) for m in mods.values()]
-    with _ScoringMode(model, mods, None), torch.enable_grad():
+    if convention == "authors":
+        halves = []
+        for x, y in batches:
+            n = x.shape[0]
+            halves += [(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])]
+        batches = [(x, y) for x, y in halves if x.shape[0] > 0]
+        net = copy.deepcopy(model).train()
+        net_mods = dict(net.named_modules())
+        scored = {n: net_mods[n] for n in mods}
+        if reinit_linear:
+            with torch.no_grad():
+                for m in scored.values():
+                    if isinstance(m, nn.Linear):
+                        nn.init.xavier_normal_(_weight(m), generator=generator)
+        context: Any = torch.enable_grad()
+    else:
+        net, scored = model, mods
+        if reinit_linear:
+            raise ValueError("reinit_linear=True is part of convention='authors', got convention='library'")
+        context = _ScoringMode(model, mods, None)
+    weights = [_weight(m) for m in scored.values()]
+    with context, torch.enable_grad():
         g = [torch.zeros_like(w) for w in weights]
         for x, y in batches:
-            loss = loss_fn(model(x) / temperature, y)
+            loss = loss_fn(net(x) / temperature, y)
             for acc, gi in zip(g, torch.autograd.grad(loss, weights)):
                 acc.add_(gi)
         hg = [torch.zeros_like(w) for w in weights]
         for x, y in batches:
-            loss = loss_fn(model(x) / temperature, y)
+            loss = loss_fn(net(x) / temperature, y)
             grads = torch.autograd.grad(loss, weights, create_graph=True)
             z = sum((gi * g0).sum() for gi, g0 in zip(grads, g))
             for acc, h in zip(hg, torch.autograd.grad(z, weights)):
                 acc.add_(h)
         scores = {n: w.detach() * h for n, w, h in zip(mods, weights, hg)}
     total = abs(sum(s.sum() for s in scores.values()))
+    if convention == "authors":
+        return {n: s / (total + GRASP_EPS) for n, s in scores.items()}
     if total > 0:
         scores = {n: s / total for n, s in scores.items()}
     return scores
@@ -270,29 +341,70 @@ def _topk_mask(flat: Tensor, k: int) -> Tensor:
     return keep
 
 
+def _threshold_keep(flat: Tensor, density: float, rule: str) -> Tensor:
+    """Boolean keep-mask of one score vector under the authors' threshold rules."""
+    n = flat.numel()
+    if rule == "synaptic_flow":
+        # Synaptic-Flow Pruner._global_mask: prune score <= kthvalue(k), k = int((1 - d) n)
+        k = int((1.0 - density) * n)
+        if k < 1:
+            return torch.ones(n, dtype=torch.bool, device=flat.device)
+        threshold = torch.kthvalue(flat, k).values
+        return flat > threshold
+    # GraSP pruner/GraSP.py: remove int(n (1 - keep_ratio)) highest of -score, keep -score <= thr
+    ratio = 1.0 - density
+    keep_ratio = 1 - ratio
+    num_rm = int(n * (1 - keep_ratio))
+    if num_rm < 1:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    neg = -flat
+    threshold = torch.topk(neg, num_rm, sorted=True).values[-1]
+    return neg <= threshold
+
+
 def masks_from_scores(
     scores: dict[str, Tensor],
     density: float,
     scope: str = "global",
     previous: dict[str, Tensor] | None = None,
+    rule: str = "exact",
 ) -> dict[str, Tensor]:
-    """Boolean masks keeping the highest scores at exactly ``density``.
+    """Boolean masks keeping the highest scores at ``density``.
 
     Args:
         scores (dict): ``{module name: scores of the weight's shape}``.
         density (float): fraction kept, in ``(0, 1]``.
         scope (str): ``"global"`` (one ranking over all layers) or ``"layerwise"`` (each layer
             at ``density``).
-        previous (dict, optional): current masks; weights they prune stay pruned (their scores are
-            treated as ``-inf``).
-
-    Ties: see the module docstring (stable sort; earlier layer, then lower index, wins).
+        previous (dict, optional): current masks; weights they prune stay pruned (``"exact"``: their
+            scores are treated as ``-inf``; the threshold rules keep only weights both masks keep).
+        rule (str): ``"exact"`` (default): exactly ``floor(density * n + 1/2)`` weights, stable
+            ties (see the module docstring); ``"synaptic_flow"``: Synaptic-Flow's ``score >
+            kthvalue(scores, int((1 - density) n))`` on the scores as given (pruned weights
+            included, so SynFlow's zero scores stay pruned); ``"grasp"``: GraSP's repository rule
+            (the lowest ``int(n (1 - density))`` removed, the one at the threshold kept).
     """
     _check_density(density)
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not scores:
         raise ValueError("scores is empty")
+    if rule != "exact":
+        raw = {n: s.detach() for n, s in scores.items()}
+        if scope == "layerwise":
+            out = {n: _threshold_keep(s.flatten(), density, rule).view(s.shape) for n, s in raw.items()}
+        else:
+            flat = torch.cat([s.flatten().cpu() for s in raw.values()])
+            keep = _threshold_keep(flat, density, rule)
+            out, start = {}, 0
+            for n, s in raw.items():
+                out[n] = keep[start : start + s.numel()].view(s.shape).to(s.device)
+                start += s.numel()
+        if previous is not None:
+            out = {n: m & previous[n].bool() if n in previous else m for n, m in out.items()}
+        return out
     prepared = {}
     for name, s in scores.items():
         s = s.detach().double()
@@ -358,12 +470,17 @@ def _erk_masks(model: nn.Module, density: float, exclude, generator) -> dict[str
     return {n: _topk_mask(scores[n].flatten(), counts[n]).view(scores[n].shape) for n in mods}
 
 
-def _iterative(score_fn, mods, density: float, rounds: int, scope: str) -> dict[str, Tensor]:
+def _iterative(score_fn, mods, density: float, rounds: int, scope: str, rule: str = "exact") -> dict[str, Tensor]:
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive int, got {rounds!r}")
     masks = {n: torch.ones_like(_weight(m), dtype=torch.bool) for n, m in mods.items()}
     for k in range(1, rounds + 1):
-        masks = masks_from_scores(score_fn(masks), density ** (k / rounds), scope, previous=masks)
+        if rule == "exact":
+            masks = masks_from_scores(score_fn(masks), density ** (k / rounds), scope, previous=masks)
+        else:
+            # Synaptic-Flow replaces the mask each round; the pruned weights' scores are 0 and so
+            # at or below the threshold
+            masks = masks_from_scores(score_fn(masks), density ** (k / rounds), scope, rule=rule)
     return masks
 
 
@@ -379,6 +496,8 @@ def prune_at_init(
     temperature: float = 200.0,
     exclude: tuple[str, ...] = (),
     generator: torch.Generator | None = None,
+    convention: str = "authors",
+    grasp_reinit_linear: bool = False,
 ) -> dict[str, Tensor]:
     """Masks of a pruning-at-initialization method (the model is not modified).
 
@@ -394,13 +513,19 @@ def prune_at_init(
         rounds (int, optional): iterative_snip (default 10) and synflow (default 100) rounds.
         temperature (float): GraSP's logit temperature. Default 200.
         exclude: module-name fragments left dense.
-        generator (torch.Generator, optional): for random and erk.
+        generator (torch.Generator, optional): for random, erk and ``grasp_reinit_linear``.
+        convention (str): ``"authors"`` (default): synflow rounds rounded as Synaptic-Flow does,
+            grasp as its own repository runs it; ``"library"``: exact counts, eval-mode GraSP.
+            The other methods do not depend on it. See the module docstring.
+        grasp_reinit_linear (bool): GraSP repository's Xavier re-initialisation of the Linear
+            layers before scoring (authors' convention only). Default False.
 
     Returns:
-        ``{module name: bool mask of the weight's shape}`` at exactly ``density`` (see the module
-        docstring for ties).
+        ``{module name: bool mask of the weight's shape}`` (exactly ``density`` except under the
+        authors' synflow and grasp rounding; see the module docstring).
     """
     _check_density(density)
+    _check_convention(convention)
     if method not in PAI_METHODS:
         raise ValueError(f"method must be one of {PAI_METHODS}, got {method!r}")
     if scope is None:
@@ -415,7 +540,8 @@ def prune_at_init(
     if method == "snip":
         return masks_from_scores(snip_scores(model, data, loss_fn, exclude), density, scope)
     if method == "grasp":
-        return masks_from_scores(grasp_scores(model, data, loss_fn, exclude, temperature), density, scope)
+        scores = grasp_scores(model, data, loss_fn, exclude, temperature, convention, grasp_reinit_linear, generator)
+        return masks_from_scores(scores, density, scope, rule="grasp" if convention == "authors" else "exact")
     if method == "erk":
         return _erk_masks(model, density, exclude, generator)
     if method == "iterative_snip":
@@ -426,7 +552,12 @@ def prune_at_init(
     if input_shape is None:
         raise ValueError("method 'synflow' needs input_shape (one input's shape, without the batch dimension)")
     return _iterative(
-        lambda masks: synflow_scores(model, tuple(input_shape), exclude, masks), mods, density, rounds or 100, scope
+        lambda masks: synflow_scores(model, tuple(input_shape), exclude, masks),
+        mods,
+        density,
+        rounds or 100,
+        scope,
+        rule="synaptic_flow" if convention == "authors" else "exact",
     )
 
 

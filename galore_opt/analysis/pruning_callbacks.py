@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .callbacks import AnalysisCallback
 from .galore_diagnostics import GaLoreDiagnostics, unwrap_optimizer
 from .pruning import MaskKeeper
-from .ramanujan import model_scores
+from .ramanujan import CONVENTIONS, model_scores
 from .sparsity import ACTIVATION_TYPES, ActivationSparsity, weight_sparsity
 
 __all__ = ["GaLoreDiagnosticsCallback", "MaskKeeperCallback", "RamanujanCallback", "SparsityCallback"]
@@ -43,6 +43,8 @@ class RamanujanCallback(AnalysisCallback):
         per_layer (bool): also report each layer's scalar scores. Default False.
         with_full_spectrum (bool): also compute the full-spectrum norm. Default True.
         at_start (bool): also run at step 0. Default True.
+        convention (str): ``"authors"`` (default, the papers' code) or ``"library"``; see
+            :mod:`galore_opt.analysis.ramanujan`.
     """
 
     name = "ramanujan"
@@ -55,13 +57,19 @@ class RamanujanCallback(AnalysisCallback):
         per_layer: bool = False,
         with_full_spectrum: bool = True,
         at_start: bool = True,
+        convention: str = "authors",
     ) -> None:
         super().__init__(every, at_start)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
         self.masks, self.exclude, self.per_layer = masks, exclude, per_layer
         self.with_full_spectrum = with_full_spectrum
+        self.convention = convention
 
     def compute(self, model: nn.Module, optimizer: Any = None, batch: Any = None) -> dict[str, Any]:
-        scores = model_scores(model, self.masks, self.exclude, with_full_spectrum=self.with_full_spectrum)
+        scores = model_scores(
+            model, self.masks, self.exclude, with_full_spectrum=self.with_full_spectrum, convention=self.convention
+        )
         layers = scores.pop("layers")
         if self.per_layer:
             scores["layers"] = {n: {k: v for k, v in s.items() if isinstance(v, float)} for n, s in layers.items()}

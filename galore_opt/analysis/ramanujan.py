@@ -16,15 +16,32 @@ dropped -- ``n_L``, ``n_R`` surviving nodes, mean degrees ``d_L = |E| / n_L``, `
   at least 3 left nodes gives a left-regular subgraph (that group and all right nodes), scored as
   above (filtering and gate included); IMDB is the mean normalized ``delta_r`` over the subgraphs
   that pass the gate.
-* **NaRC** (the paper code's formula, whole layer):
+* **NaRC** (the ICLR'23 code's formula, whole layer):
   ``[(mu_hat^2 / 4 + 1) sqrt(n_L n_R) - |E' - (d_L / dim_out) n_L n_R|] / (dim_in dim_out)`` with
   ``E' = 2|E|`` by default (the code counts both edge directions) or ``|E|``.
 * **Weighted spectral gap**: ``lambda = sigma_1(|W M|) - sigma_2(|W M|)`` on the unfolded weights.
 * **Full-spectrum coordinate**: ``(delta_r, lambda, IMDB_r, IMDB_lambda)`` with raw (unnormalized)
-  gaps; the IMDB terms average, over the left-degree groups of at least 2 nodes, each subgraph's
-  gap times ``c = max(|S|, n_R') / (|S| + n_R' - 1)`` (``n_R'`` the subgraph's surviving right
-  nodes); a subgraph (or layer) failing the gate contributes 0. Its L2 norm is the layer's
-  full-spectrum norm; the model score is the mean over layers.
+  gaps; the IMDB terms average, over the degree groups of at least 2 nodes, each left-regular
+  subgraph's gap times ``c = max(|S|, n_R') / (|S| + n_R' - 1)`` (``n_R'`` the subgraph's
+  surviving nodes on the other side). Its L2 norm is the layer's full-spectrum norm; the model
+  score is the mean over layers.
+
+**Conventions.** ``convention="authors"`` (the default everywhere) reproduces the authors' code:
+
+* NaRC is computed only for layers that pass the ICLR'23 gate (both mean degrees >= 3; the
+  ICLR'23 ``lib/graphs/scores.py::ramanujan_score`` returns no randomness factor otherwise), so
+  the model mean averages the scored layers only.
+* The weighted spectral gap and the full-spectrum coordinate use the NeurIPS'23 code's gate and
+  orientation: its graph is built from the weight transposed twice, so its *left* nodes are the
+  layer's outputs; a (sub)graph passes when the outputs' mean degree is >= 3 and the inputs' is
+  > 1. The degree groups are groups of outputs; a group whose subgraph fails the gate is skipped
+  (not averaged in); a layer failing the gate has ``lambda`` NaN (``weighted_gap``) and 0 terms in
+  its coordinate.
+
+``convention="library"`` keeps this library's earlier, more uniform definitions: NaRC for every
+layer with an edge; ``lambda`` for every layer; full-spectrum groups of *inputs* with the ICLR'23
+gate (both mean degrees >= 3), a failing subgraph counting 0 in the average (so a 2-node group,
+whose other side has mean degree <= 2, always adds a 0).
 
 Singular values: ``torch.linalg.svdvals`` in float64 when the smaller side is at most
 ``dense_limit`` (a 4608x512 unfolded conv layer takes about 0.2 s on one CPU core), otherwise
@@ -47,6 +64,7 @@ from torch import Tensor, nn
 from .graphs import BipartiteGraph, drop_isolated, layer_graph, model_graphs
 
 __all__ = [
+    "CONVENTIONS",
     "LayerScores",
     "full_spectrum",
     "imdb",
@@ -60,6 +78,21 @@ __all__ = [
 
 NAN = float("nan")
 MIN_MEAN_DEGREE = 3.0
+#: ``"authors"``: the published code's gates, orientation and averaging (default);
+#: ``"library"``: this library's earlier uniform definitions (see the module docstring)
+CONVENTIONS = ("authors", "library")
+
+
+def _check_convention(convention: str) -> None:
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+
+
+def _neurips_gate(d_outputs: float, d_inputs: float) -> bool:
+    """The NeurIPS'23 code's gate: outputs' mean degree >= 3 and inputs' > 1."""
+    return d_outputs >= MIN_MEAN_DEGREE and d_inputs > 1.0
+
+
 SOLVERS = ("auto", "svd", "gram", "lobpcg")
 
 
@@ -177,7 +210,7 @@ def imdb(biadjacency: Tensor, method: str = "auto", min_group: int = 3) -> float
     return sum(values) / len(values) if values else NAN
 
 
-def narc(biadjacency: Tensor, edge_count: str = "double", method: str = "auto") -> float:
+def narc(biadjacency: Tensor, edge_count: str = "double", method: str = "auto", convention: str = "authors") -> float:
     """Normalized random coefficient of one layer, as the ICLR'23 paper's code computes it.
 
     ``[(mu_hat^2/4 + 1) sqrt(n_L n_R) - |E' - (d_L / dim_out) n_L n_R|] / (dim_in dim_out)`` with
@@ -188,12 +221,16 @@ def narc(biadjacency: Tensor, edge_count: str = "double", method: str = "auto") 
         edge_count (str): ``"double"`` (``E' = 2|E|``, the paper code's count, default) or
             ``"single"`` (``E' = |E|``).
         method (str): singular-value solver.
+        convention (str): ``"authors"`` (default): NaN unless the layer passes the gate (both mean
+            degrees >= 3), as in the paper's code; ``"library"``: computed for any layer with an
+            edge.
     """
     if edge_count not in ("double", "single"):
         raise ValueError(f"edge_count must be 'double' or 'single', got {edge_count!r}")
+    _check_convention(convention)
     dim_in, dim_out = biadjacency.shape
     g = spectral_gaps(biadjacency, method)
-    if g["edges"] == 0:
+    if g["edges"] == 0 or (convention == "authors" and not g["scored"]):
         return NAN
     e = g["edges"] * (2 if edge_count == "double" else 1)
     n_l, n_r = g["n_left"], g["n_right"]
@@ -201,40 +238,116 @@ def narc(biadjacency: Tensor, edge_count: str = "double", method: str = "auto") 
     return value / (dim_in * dim_out)
 
 
-def weighted_spectral_gap(weights: Tensor, method: str = "auto") -> float:
-    """``sigma_1(|W M|) - sigma_2(|W M|)`` of the unfolded ``(n_left, n_right)`` weights."""
+def _sigma_gap(weights: Tensor, method: str) -> float:
     s = top_singular_values(weights.abs(), 2, method)
     return float(s[0] - s[1])
 
 
-def _subgraph_gaps(graph: BipartiteGraph, idx: Tensor, method: str) -> tuple[float, float, float]:
-    """(delta_r or 0, lambda or 0, c) of the left-regular subgraph on rows ``idx``."""
+def weighted_spectral_gap(weights: Tensor, method: str = "auto", convention: str = "authors") -> float:
+    """``sigma_1(|W M|) - sigma_2(|W M|)`` of the unfolded ``(n_left, n_right)`` weights.
+
+    Args:
+        weights (Tensor): the unfolded effective weights (rows = inputs, columns = outputs, as
+            :attr:`BipartiteGraph.weights`); zeros are pruned connections.
+        method (str): singular-value solver.
+        convention (str): ``"authors"`` (default): NaN when the layer fails the NeurIPS'23 code's
+            gate (after dropping zero-degree nodes: outputs' mean degree >= 3 and inputs' > 1);
+            ``"library"``: always computed.
+    """
+    _check_convention(convention)
+    if convention == "authors":
+        b, _, _ = drop_isolated((weights != 0).double())
+        edges = float(b.sum())
+        n_in, n_out = b.shape
+        if edges == 0 or not _neurips_gate(edges / n_out, edges / n_in):
+            return NAN
+    return _sigma_gap(weights, method)
+
+
+def _subgraph_gaps_library(graph: BipartiteGraph, idx: Tensor, method: str) -> tuple[float, float, float]:
+    """(delta_r or 0, lambda or 0, c) of the left-regular subgraph on rows ``idx`` (ICLR gate)."""
     sub_b = graph.biadjacency[idx]
     g = spectral_gaps(sub_b, method)
     n_s, n_r = idx.numel(), g["n_right"]
     c = max(n_s, n_r) / (n_s + n_r - 1)
     if not g["scored"]:
         return 0.0, 0.0, c
-    return g["delta_r"], weighted_spectral_gap(graph.weights[idx], method), c
+    return g["delta_r"], _sigma_gap(graph.weights[idx], method), c
 
 
-def full_spectrum(graph: BipartiteGraph, method: str = "auto", min_group: int = 2) -> dict[str, float]:
+def _gate_and_delta_r_authors(b_out_in: Tensor, method: str) -> tuple[bool, float, int, int]:
+    """On an ``(outputs, inputs)`` biadjacency: (passes the NeurIPS'23 gate, raw delta_r, n_out,
+    n_in) after dropping zero-degree nodes."""
+    g = spectral_gaps(b_out_in, method)
+    d_out, d_in = g["d_left"], g["d_right"]
+    if g["edges"] == 0 or not _neurips_gate(d_out, d_in):
+        return False, NAN, g["n_left"], g["n_right"]
+    return True, math.sqrt(d_out - 1) + math.sqrt(d_in - 1) - g["mu_hat"], g["n_left"], g["n_right"]
+
+
+def _full_spectrum_authors(graph: BipartiteGraph, method: str, min_group: int) -> dict[str, float]:
+    b = graph.biadjacency.t()  # (outputs, inputs): the authors' left side is the outputs
+    w = graph.weights.t()
+    ok, delta_r, _, _ = _gate_and_delta_r_authors(b, method)
+    lam = _sigma_gap(w, method) if ok else 0.0
+    delta_r = delta_r if ok else 0.0
+    terms_r, terms_l = [], []
+    for idx in _degree_groups(b, min_group):
+        sub_ok, sub_dr, n_s, n_r = _gate_and_delta_r_authors(b[idx], method)
+        if not sub_ok:
+            continue  # skipped, not averaged in
+        c = max(n_s, n_r) / (n_s + n_r - 1)
+        terms_r.append(c * sub_dr)
+        terms_l.append(c * _sigma_gap(w[idx], method))
+    imdb_r = sum(terms_r) / len(terms_r) if terms_r else 0.0
+    imdb_l = sum(terms_l) / len(terms_l) if terms_l else 0.0
+    norm = math.sqrt(delta_r**2 + lam**2 + imdb_r**2 + imdb_l**2)
+    return dict(
+        fs_delta_r=delta_r,
+        fs_lambda=lam,
+        fs_imdb_r=imdb_r,
+        fs_imdb_lambda=imdb_l,
+        fs_norm=norm,
+        fs_subgraphs=float(len(terms_r)),
+    )
+
+
+def full_spectrum(
+    graph: BipartiteGraph, method: str = "auto", min_group: int = 2, convention: str = "authors"
+) -> dict[str, float]:
     """The full-spectrum coordinate ``(delta_r, lambda, imdb_r, imdb_lambda)`` and its L2 norm.
 
-    Raw gaps; a layer or subgraph failing the gate contributes 0. See the module docstring.
+    Raw gaps. ``convention="authors"`` (default), as the NeurIPS'23 code: outputs are the left
+    side; gate outputs' mean degree >= 3 and inputs' > 1; output groups of >= ``min_group`` nodes of
+    one degree; a subgraph failing the gate is skipped; a layer failing it has 0 for ``delta_r``
+    and ``lambda``. ``convention="library"``: input groups, gate both >= 3, failures count 0.
+
+    Returns:
+        dict with ``fs_delta_r``, ``fs_lambda``, ``fs_imdb_r``, ``fs_imdb_lambda``, ``fs_norm`` and
+        ``fs_subgraphs`` (number of subgraphs averaged).
     """
+    _check_convention(convention)
+    if convention == "authors":
+        return _full_spectrum_authors(graph, method, min_group)
     g = spectral_gaps(graph.biadjacency, method)
     delta_r = g["delta_r"] if g["scored"] else 0.0
-    lam = weighted_spectral_gap(graph.weights, method) if g["scored"] else 0.0
+    lam = _sigma_gap(graph.weights, method) if g["scored"] else 0.0
     terms_r, terms_l = [], []
     for idx in _degree_groups(graph.biadjacency, min_group):
-        dr, dl, c = _subgraph_gaps(graph, idx, method)
+        dr, dl, c = _subgraph_gaps_library(graph, idx, method)
         terms_r.append(c * dr)
         terms_l.append(c * dl)
     imdb_r = sum(terms_r) / len(terms_r) if terms_r else 0.0
     imdb_l = sum(terms_l) / len(terms_l) if terms_l else 0.0
     norm = math.sqrt(delta_r**2 + lam**2 + imdb_r**2 + imdb_l**2)
-    return dict(fs_delta_r=delta_r, fs_lambda=lam, fs_imdb_r=imdb_r, fs_imdb_lambda=imdb_l, fs_norm=norm)
+    return dict(
+        fs_delta_r=delta_r,
+        fs_lambda=lam,
+        fs_imdb_r=imdb_r,
+        fs_imdb_lambda=imdb_l,
+        fs_norm=norm,
+        fs_subgraphs=float(len(terms_r)),
+    )
 
 
 @dataclass
@@ -276,6 +389,7 @@ def layer_scores(
     edge_count: str = "double",
     method: str = "auto",
     with_full_spectrum: bool = True,
+    convention: str = "authors",
 ) -> LayerScores:
     """All scores of one layer.
 
@@ -286,7 +400,10 @@ def layer_scores(
         edge_count (str): NaRC's edge count, ``"double"`` (default) or ``"single"``.
         method (str): singular-value solver.
         with_full_spectrum (bool): also compute the full-spectrum coordinate. Default True.
+        convention (str): ``"authors"`` (default) or ``"library"``, for NaRC, the weighted gap
+            and the full-spectrum coordinate (see the module docstring).
     """
+    _check_convention(convention)
     if isinstance(layer, BipartiteGraph):
         if mask is not None:
             raise ValueError("give a mask with a module or weight, not with a BipartiteGraph")
@@ -313,9 +430,9 @@ def layer_scores(
         delta_s_norm=g["delta_s_norm"],
         ramanujan=g["ramanujan"],
         imdb=imdb(b, method),
-        narc=narc(b, edge_count, method),
-        weighted_gap=weighted_spectral_gap(graph.weights, method),
-        full_spectrum=full_spectrum(graph, method) if with_full_spectrum else {},
+        narc=narc(b, edge_count, method, convention),
+        weighted_gap=weighted_spectral_gap(graph.weights, method, convention),
+        full_spectrum=full_spectrum(graph, method, convention=convention) if with_full_spectrum else {},
     )
 
 
@@ -331,12 +448,15 @@ def model_scores(
     edge_count: str = "double",
     method: str = "auto",
     with_full_spectrum: bool = True,
+    convention: str = "authors",
 ) -> dict[str, object]:
     """Per-layer scores of every Linear/Conv2d module and the model-level aggregates.
 
-    Aggregates are means over the scored layers (the gate), NaN-skipping: ``delta_r``,
-    ``delta_r_norm``, ``delta_s_norm``, ``imdb``, ``narc`` (over layers with edges),
-    ``weighted_gap``, ``fs_norm`` (over all layers), and ``ramanujan_fraction`` (Ramanujan layers
+    Aggregates are NaN-skipping means (the papers' code averages a per-layer table the same way):
+    ``delta_r``, ``delta_r_norm``, ``delta_s_norm`` over the scored layers; ``imdb`` over the
+    layers with a passing subgraph; ``narc`` over the scored layers (``convention="library"``:
+    over layers with edges); ``weighted_gap`` over the layers passing the NeurIPS'23 gate
+    (``"library"``: all); ``fs_norm`` over all layers; and ``ramanujan_fraction`` (Ramanujan layers
     over scored layers), ``scored_layers``, ``empty_layers`` (layers with no edge left: the
     network is disconnected, which the means above cannot see), ``density`` (global).
 
@@ -344,14 +464,17 @@ def model_scores(
         model (nn.Module): the model; ``torch.nn.utils.prune`` reparametrizations are read.
         masks (dict, optional): ``{module name: mask}``.
         exclude: module-name fragments to leave out.
-        edge_count, method, with_full_spectrum: see :func:`layer_scores`.
+        edge_count, method, with_full_spectrum, convention: see :func:`layer_scores`.
 
     Returns:
         ``{"layers": {name: LayerScores.to_dict()}, **aggregates}``.
     """
+    _check_convention(convention)
     graphs = model_graphs(model, masks, exclude=exclude)
     layers = {
-        name: layer_scores(g, edge_count=edge_count, method=method, with_full_spectrum=with_full_spectrum)
+        name: layer_scores(
+            g, edge_count=edge_count, method=method, with_full_spectrum=with_full_spectrum, convention=convention
+        )
         for name, g in graphs.items()
     }
     scored = [s for s in layers.values() if s.scored]

@@ -214,3 +214,49 @@ def test_ntk_mlp_parametrization_and_infinite_width_limit():
     )  # measured 0.024 (seed 1); the 1/sqrt(m) scale noise is ~1.6%
     with pytest.raises(ValueError, match="depth"):
         ntk_mlp(3, 4, 0)
+
+
+# --- TE-NAS convention ----------------------------------------------------------------------------
+
+
+def tenas_by_hand(network, x):
+    """TE-NAS get_ntk_n(train_mode=True) on a copy: one forward, a backward per sample."""
+    import copy
+
+    net = copy.deepcopy(network).train()
+    logit = net(x)
+    grads = []
+    for i in range(len(x)):
+        net.zero_grad()
+        logit[i : i + 1].backward(torch.ones_like(logit[i : i + 1]), retain_graph=True)
+        grads.append(torch.cat([w.grad.view(-1) for n, w in net.named_parameters() if "weight" in n]))
+    g = torch.stack(grads)
+    return g @ g.T
+
+
+def test_tenas_convention_matches_its_procedure_with_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double().eval()
+    x = torch.randn(7, 5, dtype=torch.float64)
+    stats = model[1].running_mean.clone()
+    theta = empirical_ntk(model, x, convention="tenas")
+    assert torch.allclose(theta, tenas_by_hand(model, x), rtol=1e-10, atol=1e-12)
+    assert not model.training and torch.equal(model[1].running_mean, stats)
+    # the per-sample (tutorial) kernel in eval mode differs: batch statistics couple the samples
+    tutorial = empirical_ntk(model, x, params=["0.weight", "1.weight", "3.weight"])
+    assert not torch.allclose(theta, tutorial, rtol=1e-3)
+
+
+def test_tenas_without_batch_coupling_is_the_weights_only_tutorial_kernel():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, x2 = torch.randn(5, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    weights = ["0.weight", "2.weight"]
+    for mode in ("sum", "full", "trace"):
+        got = empirical_ntk(model, x, x2, mode=mode, convention="tenas")
+        want = empirical_ntk(model, x, x2, mode=mode, params=weights)
+        assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    everything = empirical_ntk(model, x)  # the default differentiates the biases too
+    assert not torch.allclose(everything, empirical_ntk(model, x, convention="tenas"))
+    with pytest.raises(ValueError, match="'te-nas'"):
+        empirical_ntk(model, x, convention="te-nas")

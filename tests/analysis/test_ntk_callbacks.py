@@ -163,3 +163,16 @@ def test_callback_validation():
         NTKCallback(x, every=0)
     with pytest.raises(ValueError, match="targets have 3 rows"):
         NTKCallback(x, targets=torch.zeros(3))
+
+
+def test_ntk_callback_tenas_convention():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2)).double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    cb = NTKCallback(x, every=1, convention="tenas", keep_kernels=True, reference=None)
+    out = cb.compute(model)
+    want = ntk_eigen_metrics(empirical_ntk(model, x, convention="tenas"))
+    assert out["lambda_max"] == pytest.approx(want["lambda_max"])
+    assert out["trace"] == pytest.approx(want["trace"])
+    with pytest.raises(ValueError, match="'nngp'"):
+        NTKCallback(x, convention="nngp")

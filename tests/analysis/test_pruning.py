@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -49,11 +50,13 @@ def count(masks):
 
 @pytest.mark.parametrize("method", PAI_METHODS)
 @pytest.mark.parametrize("scope", ["global", "layerwise"])
-def test_every_method_hits_exact_density(method, scope):
+def test_every_method_hits_exact_density_library_convention(method, scope):
     model = cnn()
     x, y = data(8, (1, 6, 6), 5)
     density = 0.137
-    masks = prune_at_init(model, method, density, scope=scope, data=[(x, y)], input_shape=(1, 6, 6), rounds=5)
+    masks = prune_at_init(
+        model, method, density, scope=scope, data=[(x, y)], input_shape=(1, 6, 6), rounds=5, convention="library"
+    )
     sizes = {n: m.numel() for n, m in masks.items()}
     total = sum(sizes.values())
     assert all(m.dtype == torch.bool for m in masks.values())
@@ -112,7 +115,7 @@ def test_synflow_equals_closed_form():
     assert torch.allclose(scores["0"].double(), w1 * w2.sum(0)[:, None], rtol=1e-6)
     assert torch.allclose(scores["2"].double(), w2 * hidden[None, :], rtol=1e-6)
     # iterative: pruned weights never come back
-    masks = prune_at_init(model, "synflow", 0.3, input_shape=(5,), rounds=100)
+    masks = prune_at_init(model, "synflow", 0.3, input_shape=(5,), rounds=100, convention="library")
     assert count(masks) == math.floor(0.3 * 32 + 0.5)
 
 
@@ -120,7 +123,7 @@ def test_grasp_equals_autograd_hessian_vector_product():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).double()
     x, y = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1, 2])
-    scores = grasp_scores(model, [(x, y)], temperature=200.0)
+    scores = grasp_scores(model, [(x, y)], temperature=200.0, convention="library")
     w1, w2 = model[0].weight.detach(), model[2].weight.detach()
     b1, b2 = model[0].bias.detach(), model[2].bias.detach()
 
@@ -240,3 +243,134 @@ def test_validation_errors_name_the_value():
         prune_at_init(model, "snip", 0.5)
     with pytest.raises(ValueError, match="'nope'"):
         MaskKeeper(model, {"nope": torch.ones(2)})
+
+
+# --- the authors' conventions (default) ----------------------------------------------------------
+
+
+def test_synflow_one_round_keeps_n_minus_int_of_the_pruned_fraction():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))  # 32 weights
+    scores = synflow_scores(model, (5,))
+    flat = torch.cat([scores["0"].flatten(), scores["2"].flatten()])
+    assert flat.unique().numel() == 32  # no ties
+    # d n = 10.24: Synaptic-Flow prunes k = int(0.68 * 32) = 21, keeps 11; the exact rule keeps 10
+    authors = prune_at_init(model, "synflow", 0.32, input_shape=(5,), rounds=1)
+    library = prune_at_init(model, "synflow", 0.32, input_shape=(5,), rounds=1, convention="library")
+    assert count(authors) == 32 - int((1.0 - 0.32) * 32) == 11
+    assert count(library) == 10
+    top = torch.cat([authors["0"].flatten(), authors["2"].flatten()])
+    assert torch.equal(top, flat >= flat.sort(descending=True).values[10])
+    # per layer ("layerwise" = Synaptic-Flow's local mask): k = int(0.68 * 20) = 13, int(0.68 * 12) = 8
+    local = prune_at_init(model, "synflow", 0.32, input_shape=(5,), rounds=1, scope="layerwise")
+    assert int(local["0"].sum()) == 7 and int(local["2"].sum()) == 4
+
+
+def test_synaptic_flow_rule_drops_ties_at_the_threshold_and_keeps_pruned_weights_pruned():
+    scores = {"a": torch.tensor([1.0, 2.0, 2.0, 2.0, 3.0])}
+    # k = int(0.4 * 5) = 2, kthvalue = 2: every 2 is pruned, one weight kept
+    assert masks_from_scores(scores, 0.6, rule="synaptic_flow")["a"].tolist() == [False] * 4 + [True]
+    # k < 1: nothing pruned
+    assert masks_from_scores(scores, 0.9, rule="synaptic_flow")["a"].all()
+    # SynFlow over rounds: a weight pruned once has score 0 and never comes back
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    previous = None
+    for rounds in (1, 2, 3):
+        masks = prune_at_init(model, "synflow", 0.25 ** (rounds / 3), input_shape=(6,), rounds=1)
+        if previous is not None:
+            assert count(masks) <= count(previous)
+        previous = masks
+    many = prune_at_init(model, "synflow", 0.25, input_shape=(6,), rounds=10)
+    n = sum(m.numel() for m in many.values())
+    assert count(many) <= n - int((1.0 - 0.25) * n)
+    with pytest.raises(ValueError, match="'floor'"):
+        masks_from_scores(scores, 0.5, rule="floor")
+
+
+def test_grasp_rule_keeps_the_weight_at_the_threshold():
+    scores = {"a": torch.tensor([0.5, -1.0, 2.0, 0.1, -0.3, 1.5, 0.7, -2.0, 0.0, 0.9])}
+    # density 0.3: num_rm = int(10 * (1 - (1 - (1 - 0.3)))) = 7 lowest to remove, but the 7th
+    # lowest (0.7) is kept by GraSP's "-score <= threshold": 6 removed, 4 kept
+    num_rm = int(10 * (1 - (1 - (1 - 0.3))))
+    assert num_rm == 7
+    keep = masks_from_scores(scores, 0.3, rule="grasp")["a"]
+    assert keep.tolist() == [False, False, True, False, False, True, True, False, False, True]
+    assert masks_from_scores(scores, 0.3)["a"].sum() == 3  # the exact rule
+
+
+def grasp_by_hand(model, x, y, temperature=200.0):
+    """GraSP as its repository computes it: a train-mode copy, the batch in two halves."""
+    net = copy.deepcopy(model).train()
+    weights = [m.weight for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    n = x.shape[0]
+    halves = [(x[: n // 2], y[: n // 2]), (x[n // 2 :], y[n // 2 :])]
+    g = None
+    for hx, hy in halves:
+        gp = torch.autograd.grad(F.cross_entropy(net(hx) / temperature, hy), weights)
+        g = list(gp) if g is None else [a + b for a, b in zip(g, gp)]
+    for hx, hy in halves:
+        gf = torch.autograd.grad(F.cross_entropy(net(hx) / temperature, hy), weights, create_graph=True)
+        sum((a.detach() * b).sum() for a, b in zip(g, gf)).backward()
+    raw = [-w.detach() * w.grad for w in weights]
+    norm = torch.abs(torch.cat([r.flatten() for r in raw]).sum()) + 1e-10
+    return [-r / norm for r in raw]
+
+
+def test_grasp_authors_convention_matches_the_repository_procedure_with_batchnorm():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3)
+    ).double()
+    x, y = torch.randn(10, 1, 5, 5, dtype=torch.float64), torch.randint(0, 3, (10,))
+    model.eval()  # the caller's mode is restored and the BatchNorm statistics are untouched
+    stats = model[1].running_mean.clone()
+    scores = grasp_scores(model, [(x, y)])
+    expected = grasp_by_hand(model, x, y)
+    assert torch.allclose(scores["0"], expected[0], rtol=1e-9, atol=1e-15)
+    assert torch.allclose(scores["4"], expected[1], rtol=1e-9, atol=1e-15)
+    assert not model.training and torch.equal(model[1].running_mean, stats)
+    library = grasp_scores(model, [(x, y)], convention="library")  # eval-mode BatchNorm
+    assert not torch.allclose(library["0"], scores["0"], rtol=1e-3)
+    masks = prune_at_init(model, "grasp", 0.2, data=[(x, y)])
+    n = 36 + 300
+    assert count(masks) == n - int(n * (1 - (1 - (1 - 0.2)))) + 1  # one weight at the threshold
+
+
+def test_grasp_reinit_linear_scores_with_xavier_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+    scores = grasp_scores(model, [(x, y)], reinit_linear=True, generator=torch.Generator().manual_seed(5))
+    twin = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for m in (twin[0], twin[2]):
+            nn.init.xavier_normal_(m.weight, generator=gen)
+    expected = grasp_scores(twin, [(x, y)])
+    assert all(torch.allclose(scores[n], expected[n]) for n in ("0", "2"))
+    with pytest.raises(ValueError, match="convention='library'"):
+        grasp_scores(model, [(x, y)], reinit_linear=True, convention="library")
+    with pytest.raises(ValueError, match="'tanaka'"):
+        prune_at_init(model, "grasp", 0.5, data=[(x, y)], convention="tanaka")
+
+
+@pytest.mark.parametrize("scope", ["global", "layerwise"])
+def test_synflow_rounds_replay_synaptic_flow_prune_loop(scope):
+    """prune_loop(schedule="exponential"): round e keeps score > kthvalue(int((1 - d^((e+1)/E)) n))."""
+    model = cnn(3)
+    rounds, density = 7, 0.1
+    got = prune_at_init(model, "synflow", density, input_shape=(1, 6, 6), rounds=rounds, scope=scope)
+    masks = {n: torch.ones_like(m.weight, dtype=torch.bool) for n, m in model.named_modules() if n in got}
+    for epoch in range(rounds):
+        scores = synflow_scores(model, (1, 6, 6), masks=masks)
+        sparse = density ** ((epoch + 1) / rounds)
+        groups = [list(scores)] if scope == "global" else [[n] for n in scores]
+        for names in groups:
+            flat = torch.cat([scores[n].flatten() for n in names])
+            k = int((1.0 - sparse) * flat.numel())
+            if k >= 1:
+                threshold = torch.kthvalue(flat, k).values
+                for n in names:
+                    masks[n] = scores[n] > threshold
+    assert all(torch.equal(got[n], masks[n]) for n in got)

@@ -114,3 +114,22 @@ def test_callbacks_in_transformers_trainer(tmp_path):
     assert len(logged) == 4 and any("galore/energy_at_refresh" in h for h in logged)
     w = model.net[2].weight.detach()
     assert int(w.count_nonzero()) == int(cbs[0].masks["net.2"].sum())
+
+
+def test_ramanujan_callback_passes_the_convention_through():
+    from galore_opt.analysis.ramanujan import model_scores
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    masks = {"net.0": (torch.rand(32, 16) < 0.5).float(), "net.2": torch.ones(32, 32), "net.4": torch.eye(4, 32)}
+    for convention in ("authors", "library"):
+        cb = RamanujanCallback(every=1, masks=masks, convention=convention)
+        got = cb.compute(model)
+        want = model_scores(model, masks, convention=convention)
+        for key in ("narc", "weighted_gap", "fs_norm", "imdb"):
+            assert got[key] == pytest.approx(want[key], nan_ok=True)
+    assert RamanujanCallback(masks=masks).compute(model)["narc"] != pytest.approx(
+        RamanujanCallback(masks=masks, convention="library").compute(model)["narc"]
+    )
+    with pytest.raises(ValueError, match="'paper'"):
+        RamanujanCallback(convention="paper")

@@ -122,16 +122,18 @@ def test_narc_by_hand_both_edge_counts():
         narc(b, edge_count="triple")
 
 
-def test_weighted_gap_of_rank_one_and_full_spectrum_of_complete_graph():
+@pytest.mark.parametrize("convention", ["authors", "library"])
+def test_weighted_gap_of_rank_one_and_full_spectrum_of_complete_graph(convention):
     u, v = torch.rand(7) + 0.1, torch.rand(5) + 0.1
     w = torch.outer(u, v)
     assert weighted_spectral_gap(w) == pytest.approx(float(u.norm() * v.norm()), rel=1e-6)
     g = layer_graph(torch.outer(v, u))  # Linear (out=5, in=7): unfolded (7, 5) = u v^T
-    fs = full_spectrum(g)
+    fs = full_spectrum(g, convention=convention)
     bound = math.sqrt(5 - 1) + math.sqrt(7 - 1)
     assert fs["fs_delta_r"] == pytest.approx(bound, abs=1e-6)
     assert fs["fs_lambda"] == pytest.approx(float(u.norm() * v.norm()), rel=1e-6)
-    # one group of 7 left nodes of degree 5: c = max(7, 5) / (7 + 5 - 1)
+    # one group of 7 inputs of degree 5 (library) or 5 outputs of degree 7 (authors):
+    # c = max(7, 5) / (7 + 5 - 1) either way
     c = 7 / 11
     assert fs["fs_imdb_r"] == pytest.approx(c * bound, abs=1e-6)
     assert fs["fs_imdb_lambda"] == pytest.approx(c * float(u.norm() * v.norm()), rel=1e-6)
@@ -177,3 +179,95 @@ def test_model_scores_aggregates():
     assert out["ramanujan_fraction"] == pytest.approx((layers["0"]["ramanujan"] + layers["2"]["ramanujan"]) / 2)
     edges = masks["0"].sum() + 600 + 3
     assert out["density"] == pytest.approx(float(edges) / (1200 + 600 + 60))
+
+
+# --- the authors' conventions (default) against the library's earlier ones --------------------
+
+
+def linear_weight(rows):
+    """A Linear weight (out, in) of ones from each output's list of inputs."""
+    n_in = max(max(r) for r in rows if r) + 1
+    w = torch.zeros(len(rows), n_in)
+    for o, cols in enumerate(rows):
+        w[o, cols] = 1.0
+    return w
+
+
+def test_narc_gate_boundary_authors_vs_library():
+    full = torch.ones(3, 3)  # K_{3,3}: both mean degrees exactly 3 -> scored
+    assert narc(full) == pytest.approx(narc(full, convention="library"))
+    assert math.isfinite(narc(full))
+    short = full.clone()
+    short[0, 0] = 0  # 8 edges: mean degrees 8/3 < 3 -> no score in the authors' code
+    assert math.isnan(narc(short))
+    s2 = float(np.linalg.svd(short.numpy(), compute_uv=False)[1])
+    expected = ((s2**2 / 4 + 1) * 3 - abs(16 - 8 / 3 / 3 * 9)) / 9
+    assert narc(short, convention="library") == pytest.approx(expected)
+    with pytest.raises(ValueError, match="'paper'"):
+        narc(full, convention="paper")
+
+
+def test_weighted_gap_gate_is_outputs_at_least_3_inputs_above_1():
+    # 2 outputs of degree 3 on 6 distinct inputs: inputs' mean degree exactly 1 -> fails (> 1)
+    disjoint = layer_graph(linear_weight([[0, 1, 2], [3, 4, 5]]))
+    assert math.isnan(weighted_spectral_gap(disjoint.weights))
+    assert weighted_spectral_gap(disjoint.weights, convention="library") == pytest.approx(0.0, abs=1e-9)
+    # one shared input: inputs' mean 6/5 > 1, outputs' mean exactly 3 -> passes
+    shared = layer_graph(linear_weight([[0, 1, 2], [2, 3, 4]]))
+    sv = np.linalg.svd(shared.weights.numpy(), compute_uv=False)
+    assert weighted_spectral_gap(shared.weights) == pytest.approx(float(sv[0] - sv[1]))
+    # outputs' mean 5/2 < 3 -> fails, although the ICLR gate is not involved
+    low = layer_graph(linear_weight([[0, 1, 2], [2, 3]]))
+    assert math.isnan(weighted_spectral_gap(low.weights))
+
+
+def test_full_spectrum_two_node_group_and_skipped_failures():
+    # outputs o0, o1 read inputs {0,1,2} (a 2-node group of degree 3); o2, o3 read one input each
+    # (a 2-node group of degree 1, which fails the gate). The whole layer has outputs' mean 2 < 3.
+    g = layer_graph(linear_weight([[0, 1, 2], [0, 1, 2], [3], [4]]))
+    fs = full_spectrum(g)
+    # K_{2,3}: mu_hat = 0, delta_r = sqrt(3 - 1) + sqrt(2 - 1); c = max(2, 3) / (2 + 3 - 1)
+    c = 3 / 4
+    assert fs["fs_delta_r"] == 0.0 and fs["fs_lambda"] == 0.0
+    assert fs["fs_subgraphs"] == 1  # the failing degree-1 group is skipped, not averaged as 0
+    assert fs["fs_imdb_r"] == pytest.approx(c * (math.sqrt(2) + 1))
+    assert fs["fs_imdb_lambda"] == pytest.approx(c * math.sqrt(6))  # ones(2, 3): sigma = sqrt(6), 0
+    assert fs["fs_norm"] == pytest.approx(math.hypot(fs["fs_imdb_r"], fs["fs_imdb_lambda"]))
+    # library: groups of inputs ({0,1,2} of degree 2, {3,4} of degree 1) under the both->=3 gate:
+    # both fail and each counts 0
+    lib = full_spectrum(g, convention="library")
+    assert lib["fs_subgraphs"] == 2 and lib["fs_imdb_r"] == 0.0 and lib["fs_norm"] == 0.0
+
+
+def test_full_spectrum_averages_only_passing_left_regular_subgraphs():
+    # two passing groups: outputs 0-2 of degree 4 on inputs 0-3 (K_{3,4}), outputs 3-4 of degree 3
+    # on inputs 4-6 (K_{2,3}); outputs 5-6 of degree 1 on disjoint inputs fail and are skipped
+    rows = [[0, 1, 2, 3]] * 3 + [[4, 5, 6]] * 2 + [[7], [8]]
+    g = layer_graph(linear_weight(rows))
+    fs = full_spectrum(g)
+    k34 = (math.sqrt(3) + math.sqrt(2)) * 4 / 6  # c = max(3, 4) / (3 + 4 - 1)
+    k23 = (math.sqrt(2) + 1) * 3 / 4
+    assert fs["fs_subgraphs"] == 2
+    assert fs["fs_imdb_r"] == pytest.approx((k34 + k23) / 2)
+    assert fs["fs_imdb_lambda"] == pytest.approx((math.sqrt(12) * 4 / 6 + math.sqrt(6) * 3 / 4) / 2)
+    # whole layer: 20 edges, 7 outputs (mean 20/7 < 3) -> fails, coordinate terms 0
+    assert fs["fs_delta_r"] == 0.0 and fs["fs_lambda"] == 0.0
+    with pytest.raises(ValueError, match="'both'"):
+        full_spectrum(g, convention="both")
+
+
+def test_model_scores_narc_and_weighted_gap_average_gated_layers_only():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 30), nn.ReLU(), nn.Linear(30, 20), nn.ReLU(), nn.Linear(20, 3))
+    masks = {"0": (torch.rand(30, 40) < 0.5).float(), "2": torch.ones(20, 30), "4": torch.eye(3, 20)}
+    out = model_scores(model, masks)
+    lib = model_scores(model, masks, convention="library")
+    layers, lib_layers = out["layers"], lib["layers"]
+    assert math.isnan(layers["4"]["narc"]) and math.isfinite(lib_layers["4"]["narc"])
+    assert out["narc"] == pytest.approx((layers["0"]["narc"] + layers["2"]["narc"]) / 2)
+    assert lib["narc"] == pytest.approx(sum(lib_layers[n]["narc"] for n in "024") / 3)
+    # layer "4": 3 outputs of degree 1 -> outputs' mean 1 < 3: no weighted gap in the authors' code
+    assert math.isnan(layers["4"]["weighted_gap"]) and math.isfinite(lib_layers["4"]["weighted_gap"])
+    assert out["weighted_gap"] == pytest.approx((layers["0"]["weighted_gap"] + layers["2"]["weighted_gap"]) / 2)
+    for key in ("delta_r_norm", "imdb", "delta_s_norm"):
+        assert out[key] == pytest.approx(lib[key])  # the ICLR'23 quantities do not depend on it
