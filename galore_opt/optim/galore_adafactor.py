@@ -135,38 +135,39 @@ class GaLoreAdafactor(GaLoreOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, p, index in self._iter_params():
-            state = self.state[p]
-            hyper = {
-                k: group[k]
-                for k in (
-                    "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
-                    "scale_parameter", "relative_step", "warmup_init", "numerics",
-                )
-            }
-            galore = "rank" in group
-            param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
-            side = self._side(p, group) if galore else C.NONE
-            if not state:
-                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
-                init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
+            with self._whole_state(p):
+                state = self.state[p]
+                hyper = {
+                    k: group[k]
+                    for k in (
+                        "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                        "scale_parameter", "relative_step", "warmup_init", "numerics",
+                    )
+                }
+                galore = "rank" in group
+                param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
+                side = self._side(p, group) if galore else C.NONE
+                if not state:
+                    state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                    shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
+                    init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
+                    if galore:
+                        self._init_galore_offset(p, group)
+                deferred = None
                 if galore:
-                    self._init_galore_offset(p, group)
-            deferred = None
-            if galore:
-                deferred = self._refresh_if_due(p, grad, group, index, side)
-                resolve_impl(group["impl"], p.device, None)
-            adafactor_update(
-                param,
-                grad,
-                state,
-                state[C.STEP],
-                state.get(C.BASIS_LEFT),
-                state.get(C.BASIS_RIGHT),
-                galore=galore,
-                scale=group.get("scale", 1.0),
-                **hyper,
-            )
-            if deferred is not None:
-                self._refresh(p, grad, group, index, side, deferred)
+                    deferred = self._refresh_if_due(p, grad, group, index, side)
+                    resolve_impl(group["impl"], p.device, None)
+                adafactor_update(
+                    param,
+                    grad,
+                    state,
+                    state[C.STEP],
+                    state.get(C.BASIS_LEFT),
+                    state.get(C.BASIS_RIGHT),
+                    galore=galore,
+                    scale=group.get("scale", 1.0),
+                    **hyper,
+                )
+                if deferred is not None:
+                    self._refresh(p, grad, group, index, side, deferred)
         return loss
