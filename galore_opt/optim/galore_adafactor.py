@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,8 +92,9 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 raise ValueError("relative_step=False needs an explicit lr")
             if warmup_init and not relative_step:
                 raise ValueError("warmup_init=True requires relative_step=True")
-        if lr is not None and not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr!r} - must be >= 0")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0):
+            # a tensor lr is refused, as GaLoreAdamW refuses it: one rule for all three optimizers
+            raise ValueError(f"Invalid learning rate: {lr!r} - must be a number >= 0")
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"Invalid eps: {eps!r} - must be a pair (eps1, eps2)")
         if (eps[0] is not None and not eps[0] >= 0.0) or not eps[1] >= 0.0:
