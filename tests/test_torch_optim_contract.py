@@ -256,7 +256,7 @@ def test_step_pre_hook_may_replace_the_arguments(name):
 
     opt.register_step_pre_hook(lambda o, args, kwargs: ((o, closure), {}))  # args[0] is the optimizer
     loss = opt.step()
-    assert seen and float(loss) == seen[0]
+    assert seen and float(loss.detach()) == seen[0]
 
 
 @pytest.mark.parametrize("name", NAMES)
