@@ -306,3 +306,35 @@ def test_rank1_right_basis_matches_galore_torch_to_rounding():
             opt.step()
         results.append(w.detach())
     torch.testing.assert_close(results[1], results[0], **tolerance(torch.float32, "galore_torch"))
+
+
+# --- found by the property test (tests/test_property.py) -------------------------------------------
+
+
+def test_adafactor_galore_torch_fp32_moments_of_bf16_params_survive_a_resume():
+    """galore_torch numerics keep Adafactor's moments in fp32 for bf16 parameters; torch's
+    load_state_dict would cast them to bf16, and the resumed run would drift."""
+    w0 = torch.randn(6, 9).to(torch.bfloat16)
+
+    def make():
+        w = nn.Parameter(w0.clone())
+        return w, GaLoreAdafactor([{"params": [w], "rank": 2, "update_proj_gap": 2}], numerics="galore_torch")
+
+    grads = [torch.randn(6, 9).to(torch.bfloat16) for _ in range(5)]
+    w, opt = make()
+    for g in grads[:2]:
+        w.grad = g.clone()
+        opt.step()
+    saved = _roundtrip({"w": w.detach().clone(), "opt": opt.state_dict()})
+    for g in grads[2:]:
+        w.grad = g.clone()
+        opt.step()
+    w2, opt2 = make()
+    with torch.no_grad():
+        w2.copy_(saved["w"])
+    opt2.load_state_dict(saved["opt"])
+    assert all(v.dtype == torch.float32 for k, v in opt2.state[w2].items() if k.startswith("exp_avg"))
+    for g in grads[2:]:
+        w2.grad = g.clone()
+        opt2.step()
+    assert torch.equal(w2, w)

@@ -239,6 +239,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if C.STEP in state:  # initialized (and refreshed) without a basis: updated in full
             return C.NONE
         m, n = p.shape[0], math.prod(p.shape[1:])
+        if min(m, n) == 0:  # an empty matrix: nothing to project (a rank-0 basis under galore_torch's clipping)
+            return C.NONE
         return choose_side((m, n), group["proj_type"], group["rank"], clip_rank=group["numerics"] == "galore_torch")
 
     def _low_rank_shape(self, p: Tensor, group: dict[str, Any], side: str) -> tuple[int, int]:

@@ -10,7 +10,14 @@ import torch
 
 from .. import config as C
 from ..functional import check_impl, resolve_impl
-from ..functional.adafactor import adafactor_update, init_adafactor_state
+from ..functional.adafactor import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    EXP_AVG_SQ_COL,
+    EXP_AVG_SQ_ROW,
+    adafactor_update,
+    init_adafactor_state,
+)
 from .base import GaLoreOptimizer
 
 _DEFAULT_EPS = {"torch": (None, 1e-3), "galore_torch": (1e-30, 1e-3)}
@@ -123,6 +130,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
             seed=seed,
         )
         super().__init__(params, defaults)
+
+    # galore_torch numerics keep these in fp32 whatever the parameter's dtype (computed in fp32 for
+    # half parameters); torch's load_state_dict would cast them to a bf16 parameter's dtype
+    _dtype_kept_keys = (*GaLoreOptimizer._dtype_kept_keys, EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_ROW, EXP_AVG_SQ_COL)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if "rank" in group and group.get("basis_dtype") is None:
