@@ -338,3 +338,39 @@ def test_adafactor_galore_torch_fp32_moments_of_bf16_params_survive_a_resume():
         w2.grad = g.clone()
         opt2.step()
     assert torch.equal(w2, w)
+
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std", "left", "right", "full"])
+def test_galore_torch_checkpoint_loads_and_continues_its_run(proj_type):
+    """galore-torch keeps a projector object and an int step in its state: loaded into
+    numerics="galore_torch", the run goes on as galore-torch's own does (through a refresh)."""
+    galore_torch = pytest.importorskip("galore_torch")
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(12, 8), (8, 12)]
+    w0 = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(8)]
+
+    def group(ws):
+        return [{"params": ws, "rank": 2, "update_proj_gap": 3, "scale": 0.25, "proj_type": proj_type}]
+
+    ref_w = [nn.Parameter(w.clone()) for w in w0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = galore_torch.GaLoreAdamW(group(ref_w), lr=1e-2)
+    for g in grads[:4]:
+        for w, gi in zip(ref_w, g):
+            w.grad = gi.clone()
+        ref.step()
+    saved = copy.deepcopy(ref.state_dict())
+    ours_w = [nn.Parameter(w.detach().clone()) for w in ref_w]
+    ours = GaLoreAdamW(group(ours_w), lr=1e-2, numerics="galore_torch")
+    ours.load_state_dict(saved)
+    for w in ours_w:
+        assert all(isinstance(v, torch.Tensor) for v in ours.state[w].values())
+    for g in grads[4:]:  # step 6 refreshes
+        for w, v, gi in zip(ref_w, ours_w, g):
+            w.grad, v.grad = gi.clone(), gi.clone()
+        ref.step()
+        ours.step()
+    for w, v in zip(ref_w, ours_w):
+        torch.testing.assert_close(v, w, **tolerance(torch.float32, "galore_torch"))

@@ -347,8 +347,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         The load hooks see what torch's do: pre-hooks the whole state dict as given, post-hooks
         the loaded optimizer with its bases (and 8-bit codes) attached. A ``step`` saved as a
         Python number (galore-torch, Hugging Face and old torch checkpoints) becomes the fp32 CPU
-        tensor this optimizer keeps; param-group keys the checkpoint lacks take the defaults
-        (see :meth:`__setstate__`).
+        tensor this optimizer keeps, galore-torch's projector object the basis it holds;
+        param-group keys the checkpoint lacks take the defaults (see :meth:`__setstate__`).
         """
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -358,7 +358,12 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         kept: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, dict[str, Any]] = {}
         keep = self._dtype_kept_keys
+        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
+        id_to_param = dict(zip(saved_ids, params))
         for pid, pstate in state_dict["state"].items():
+            if _GALORE_TORCH_PROJECTOR in pstate and pid in id_to_param:
+                pstate = _from_galore_torch(pstate, id_to_param[pid])
             kept[pid] = {k: v for k, v in pstate.items() if k in keep}
             stripped[pid] = {k: v for k, v in pstate.items() if k not in keep}
         hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
@@ -368,9 +373,6 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             super().load_state_dict({**state_dict, "state": stripped})
         finally:
             self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
-        saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
-        params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
-        id_to_param = dict(zip(saved_ids, params))
         for pid, values in kept.items():
             p = id_to_param[pid]
             for key, value in values.items():
@@ -382,3 +384,34 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+_GALORE_TORCH_PROJECTOR = "projector"
+
+
+def _from_galore_torch(pstate: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """A galore-torch parameter state (a ``GaLoreProjector`` object beside the moments) in our
+    keys: the projector's ``ortho_matrix`` becomes the basis of the side galore-torch projected
+    (decided from the parameter's shape and ``proj_type`` as galore-torch does)."""
+    pstate = dict(pstate)
+    projector = pstate.pop(_GALORE_TORCH_PROJECTOR)
+    ortho = getattr(projector, "ortho_matrix", None)
+    proj_type = getattr(projector, "proj_type", None)
+    if ortho is None:  # created, never projected: the first step computes the basis
+        return pstate
+    m, n = p.shape[0], math.prod(p.shape[1:])
+    sides = {
+        "std": C.RIGHT if m >= n else C.LEFT,
+        "reverse_std": C.LEFT if m >= n else C.RIGHT,
+        "left": C.LEFT,
+        "right": C.RIGHT,
+        "full": C.FULL,
+    }
+    if proj_type not in sides:
+        raise ValueError(f"galore-torch state with proj_type {proj_type!r}: must be one of {tuple(sides)}")
+    side = sides[proj_type]
+    if side == C.FULL:
+        pstate[C.BASIS_LEFT], pstate[C.BASIS_RIGHT] = ortho[0], ortho[1]
+    else:
+        pstate[C.BASIS_LEFT if side == C.LEFT else C.BASIS_RIGHT] = ortho
+    return pstate
