@@ -51,12 +51,13 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """
         super().__setstate__(state)
         self._restore_attributes()
+        galore_keys = (*C.GALORE_DEFAULTS, *C.EXTRA_DEFAULTS)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key not in self._optimizer_wide_defaults:
                     group.setdefault(key, value)
-            if "rank" in group:
-                self._validate_group(group)
+            if "rank" in group and any(key not in group for key in galore_keys):
+                self._validate_group(group)  # fills the GaLore keys (this class's defaults) and checks them
 
     #: defaults that are not param-group keys (torch's __setstate__ adds "differentiable")
     _optimizer_wide_defaults: tuple[str, ...] = ("differentiable",)
