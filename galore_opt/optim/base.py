@@ -47,7 +47,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         attributes are rebuilt (:meth:`_restore_attributes`). Param groups saved by an older or a
         newer galore-opt, or by galore-torch, may lack keys this version reads: they take this
         optimizer's defaults, as torch's optimizers ``setdefault`` their new keys
-        (``test_can_load_older_state_dict``), and GaLore groups are validated again.
+        (``test_can_load_older_state_dict``); such a GaLore group is then validated again.
         """
         super().__setstate__(state)
         self._restore_attributes()
