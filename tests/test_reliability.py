@@ -116,7 +116,7 @@ def test_sparse_gradient_is_refused_before_earlier_parameters_move(name):
     e = nn.Parameter(torch.randn(5, 3))
     opt = OPTIMIZERS[name](_groups(w, b) + [{"params": [e]}])
     _grads(0, w, b)
-    e.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3))
+    e.grad = torch.sparse_coo_tensor([[0, 2]], torch.ones(2, 3), (5, 3), check_invariants=True)
     before = [p.detach().clone() for p in (w, b, e)]
     with pytest.raises(RuntimeError, match="does not support sparse gradients"):
         opt.step()
