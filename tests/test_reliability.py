@@ -281,6 +281,16 @@ def test_channels_last_after_building_is_explained_before_any_update(name):
     assert not opt.state and all(torch.equal(p, q) for p, q in zip(conv.parameters(), before))
 
 
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_non_contiguous_gradient_of_an_nd_galore_parameter_is_refused(name):
+    w = nn.Parameter(torch.randn(4, 4, 2))
+    opt = OPTIMIZERS[name]([{"params": [w], "rank": 2}])
+    w.grad = torch.randn(4, 4, 2).transpose(0, 1)  # the right shape, not contiguous
+    with pytest.raises(RuntimeError, match=r"gradient of the 3-D GaLore parameter of shape \(4, 4, 2\) is not contiguous"):
+        opt.step()
+    assert not opt.state
+
+
 # --- item 10: parity with galore-torch where the README says bit-identical ---------------------------
 
 
