@@ -176,7 +176,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self._callback_queued and not self._ddp:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
-        self._apply(p)
+        try:
+            self._apply(p)
+        except BaseException:
+            self._abort_window()
+            raise
+
+    def _abort_window(self) -> None:
+        """An update raised inside backward (out of memory, Ctrl-C): autograd drops the queued
+        end-of-backward callback, so the accumulation window in progress is discarded here, as if
+        it had not started: gradients and projected buffers freed, the micro-batch counter back to
+        the window's start. Updates already applied in this backward stay applied (a layer-wise
+        step is not atomic); the failed parameter's state is not created (see
+        ``GaLoreOptimizer._whole_state``), and training can go on with the next batch."""
+        self._callback_queued = False
+        self._norms = []
+        self._low_rank.clear()
+        self.micro_step -= self.micro_step % self.accumulation_steps
+        for g in self.param_groups:
+            for q in g["params"]:
+                q.grad = None
 
     @torch.no_grad()
     def _apply(self, p: Tensor) -> None:

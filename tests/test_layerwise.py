@@ -291,3 +291,33 @@ def test_grad_scaler_is_refused_with_a_clear_error():
     scaler.scale(_loss(model, 0, 1)).backward()
     with pytest.raises(RuntimeError, match="does not work with torch.amp.GradScaler: each parameter is updated inside"):
         scaler.step(lw)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_failure_inside_backward_discards_the_window_and_training_goes_on(k, monkeypatch):
+    """An out-of-memory error in a first basis computation inside backward: autograd drops the
+    wrapper's end-of-backward callback; the window is discarded (gradients freed, counter reset)
+    and the next batches train with correct bookkeeping."""
+    import galore_opt.optim.base as base
+    import galore_opt.projector as projector
+
+    model = _model()
+    lw = LayerwiseOptimizer(_make(model), accumulation_steps=k)
+    if k == 2:
+        _loss(model, 0, k).backward()  # a first micro-batch that succeeds
+
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("injected")
+
+    monkeypatch.setattr(base, "compute_basis", fail)
+    monkeypatch.setattr(projector, "compute_basis", fail)
+    with pytest.raises(torch.OutOfMemoryError, match="injected"):
+        _loss(model, 1, k).backward()
+    monkeypatch.undo()
+    assert all(p.grad is None for p in model.parameters())
+    assert lw.micro_step == 0 and not lw._low_rank
+    norms = _train_layerwise(model, lw, 3, k)
+    assert lw.micro_step == 3 * k and all(n is not None and n > 0 for n in norms)
+    assert all(torch.isfinite(p).all() and p.grad is None for p in model.parameters())
+    weights = [model[0].weight, model[2].weight, model[4].weight]
+    assert all(lw.optimizers[0].state[w]["step"].item() == 3 for w in weights)
