@@ -7,6 +7,7 @@ configs, checkpoints and our tests agree on one spelling.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 # --- optimizer.state keys (tensors only) -------------------------------------------------------
@@ -63,7 +64,13 @@ def galore_group_defaults(numerics: str) -> dict[str, Any]:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """An integer (numpy's included, as galore-torch accepts them), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+#: integer group keys, stored as Python ints once validated (numpy integers would keep the param
+#: groups, hence the state dict, from loading with ``torch.load(weights_only=True)``)
+_INT_KEYS = ("rank", "update_proj_gap", "power_iters", "oversample")
 
 
 def validate_galore_group(group: dict[str, Any], numerics: str) -> None:
@@ -80,7 +87,7 @@ def validate_galore_group(group: dict[str, Any], numerics: str) -> None:
         raise ValueError(f"Invalid rank: {rank!r} - must be an int >= 1")
     if not _is_int(gap) or gap < 1:
         raise ValueError(f"Invalid update_proj_gap: {gap!r} - must be an int >= 1")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
         raise ValueError(f"Invalid scale: {scale!r} - must be a finite number > 0")
     if group["proj_type"] not in PROJ_TYPES:
         raise ValueError(f"Invalid proj_type: {group['proj_type']!r} - must be one of {PROJ_TYPES}")
@@ -102,6 +109,11 @@ def validate_galore_group(group: dict[str, Any], numerics: str) -> None:
             "numerics='galore_torch' reproduces galore-torch's refresh schedule and basis: "
             "stagger_refresh and align_basis must be False"
         )
+    for key in _INT_KEYS:
+        if group[key] is not None:
+            group[key] = int(group[key])
+    if not isinstance(scale, int):
+        group["scale"] = float(scale)
 
 
 def validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

@@ -55,7 +55,17 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     ``step()`` and ``zero_grad()`` are bookkeeping (safe to leave in a loop); ``state_dict()``
     holds every inner optimizer's real state plus the micro-batch counter, loads with
     ``torch.load(weights_only=True)``, and resumes bit-exactly; :meth:`remove_hooks` detaches it.
+
+    As a ``torch.optim.Optimizer``: step, state-dict and load-state-dict hooks fire; a parameter
+    frozen when wrapped and unfrozen later (gradual unfreezing) is trained from the backward in
+    which it first gets a gradient; :meth:`add_param_group` adds the group to the inner optimizer
+    (one only); ``copy.deepcopy`` and pickling give a working copy bound to the copied
+    parameters. ``torch.amp.GradScaler`` is refused: the updates happen inside ``backward``,
+    before a scaler could unscale the gradients or skip an overflowing step.
     """
+
+    #: GradScaler then hands ``grad_scale`` / ``found_inf`` to :meth:`step`, which refuses them
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -92,8 +102,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     owners[id(p)] = o
         self._owner = owners
         # The inner groups themselves (same dict objects): a scheduler's lr changes reach them.
+        self._wrapping = True
         torch.optim.Optimizer.__init__(self, [{"params": []}], {})
+        del self._wrapping
         self.param_groups = groups
+        # the defaults every inner optimizer shares (OneCycleLR looks for betas / momentum here)
+        shared = set.intersection(*(set(o.defaults) for o in self.optimizers))
+        self.defaults = {k: v for k, v in self.optimizers[0].defaults.items() if k in shared}
 
         self.micro_step = 0  # backward passes seen
         # per-parameter gradient norms of the update in progress, kept on their devices: reading
@@ -106,12 +121,29 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._low_rank: dict[int, Tensor] = {}  # projected accumulation buffers, by id(param)
         self._ddp = False  # updates run from DDP's communication hook (see register_ddp)
         self._ddp_futures: list[torch.futures.Future] = []
-        self._handles = [
-            p.register_post_accumulate_grad_hook(self._hook)
-            for g in groups
-            for p in g["params"]
-            if p.requires_grad
-        ]
+        self._handles: list[Any] = []
+        self._unhooked: list[Tensor] = []  # frozen when wrapped: hooked once they require grad
+        self._attach([p for g in groups for p in g["params"]])
+
+    def _attach(self, params: list[Tensor]) -> None:
+        for p in params:
+            if p.requires_grad:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+            else:
+                self._unhooked.append(p)
+
+    def _adopt_unfrozen(self) -> bool:
+        """Hook the parameters unfrozen since they were wrapped and update those that already
+        got a gradient in this backward (their hooks did not exist yet); whether any did."""
+        if self._ddp or not any(p.requires_grad for p in self._unhooked):
+            return False
+        unfrozen = [p for p in self._unhooked if p.requires_grad]
+        self._unhooked = [p for p in self._unhooked if not p.requires_grad]
+        self._attach(unfrozen)
+        with_grad = [p for p in unfrozen if p.grad is not None]
+        for p in with_grad:
+            self._apply(p)
+        return bool(with_grad)
 
     # --- the hook ------------------------------------------------------------------------------
 
@@ -120,6 +152,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _end_of_backward(self) -> None:
         self._callback_queued = False
+        self._adopt_unfrozen()
         if self._ddp_futures:  # the updates run in DDP's bucket callbacks: let them all finish
             pending, self._ddp_futures = self._ddp_futures, []
             torch.futures.wait_all(pending)
@@ -154,6 +187,30 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if not self._callback_queued and not self._ddp:
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             self._callback_queued = True
+        try:
+            self._apply(p)
+        except BaseException:
+            self._abort_window()
+            raise
+
+    def _abort_window(self) -> None:
+        """An update raised inside backward (out of memory, Ctrl-C): autograd drops the queued
+        end-of-backward callback, so the accumulation window in progress is discarded here, as if
+        it had not started: gradients and projected buffers freed, the micro-batch counter back to
+        the window's start. Updates already applied in this backward stay applied (a layer-wise
+        step is not atomic); the failed parameter's state is not created (see
+        ``GaLoreOptimizer._whole_state``), and training can go on with the next batch."""
+        self._callback_queued = False
+        self._norms = []
+        self._low_rank.clear()
+        self.micro_step -= self.micro_step % self.accumulation_steps
+        for g in self.param_groups:
+            for q in g["params"]:
+                q.grad = None
+
+    @torch.no_grad()
+    def _apply(self, p: Tensor) -> None:
+        """Accumulate or apply ``p``'s gradient (what the hook does for one parameter)."""
         opt = self._owner[id(p)]
         low_rank_ok = isinstance(opt, GaLoreOptimizer) and opt.low_rank_accumulation_ready(p)
         if not self._last_micro_batch():
@@ -234,7 +291,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     if p.grad is None or not p.requires_grad:
                         continue
                     p.grad.copy_(grad.view_as(p))
-                    self._hook(p)
+                    self._apply(p)
                 return done.value()[0]
 
             done = fut.then(update)
@@ -261,11 +318,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     # --- the torch.optim.Optimizer protocol -----------------------------------------------------
 
     def step(self, closure: Any = None) -> Any:
-        """Bookkeeping only: updates happen during ``backward``. Runs ``closure`` if given."""
+        """Bookkeeping only: updates happen during ``backward``. Runs ``closure`` if given.
+
+        Parameters unfrozen after wrapping whose gradient came from a backward in which no hook
+        fired (every other parameter frozen) are updated here, and that backward is counted."""
+        if getattr(self, "found_inf", None) is not None or getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(
+                "LayerwiseOptimizer does not work with torch.amp.GradScaler: each parameter is updated "
+                "inside backward(), before the scaler can unscale its gradient or skip an overflowing "
+                "step, so the scaled gradients have already been applied. Use bf16 autocast (no "
+                "scaler needed), or a regular optimizer with GradScaler"
+            )
+        loss = None
         if closure is not None:
             with torch.enable_grad():
-                return closure()
-        return None
+                loss = closure()
+        if self._adopt_unfrozen() and not self._callback_queued:
+            self._end_of_backward()
+        return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """No-op: the hooks free each gradient after its update (accumulating ones are kept).
@@ -281,15 +351,55 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             handle.remove()
         self._handles = []
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add ``param_group`` to the wrapped optimizer (which validates it) and hook its
+        parameters. With several wrapped optimizers it is ambiguous which one should own it: a
+        ``ValueError`` says so."""
+        if getattr(self, "_wrapping", False):  # torch.optim.Optimizer.__init__'s placeholder group
+            super().add_param_group(param_group)
+            return
+        if self._ddp:
+            raise RuntimeError("add_param_group after register_ddp is not supported: wrap the optimizer again")
+        if len(self.optimizers) != 1:
+            raise ValueError(
+                f"add_param_group: this LayerwiseOptimizer wraps {len(self.optimizers)} optimizers, so it "
+                "cannot tell which one should own the new group; add it to one of them and build a new "
+                "LayerwiseOptimizer"
+            )
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if id(p) in self._owner:
+                raise ValueError("some parameters appear in more than one parameter group")
+        (opt,) = self.optimizers
+        opt.add_param_group(param_group)
+        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+        added = self.param_groups[-1]["params"]
+        for p in added:
+            self._owner[id(p)] = opt
+        self._attach(list(added))
+
     def state_dict(self) -> dict[str, Any]:
         if self._low_rank or self.micro_step % self.accumulation_steps:
             raise RuntimeError("save between updates, not in the middle of an accumulation")
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         meta = {"version": _STATE_VERSION, "micro_step": self.micro_step, "accumulation_steps": self.accumulation_steps}
         if self._prev_norm is not None:
             meta["prev_norm"] = self.grad_norm
-        return {"optimizers": [o.state_dict() for o in self.optimizers], "layerwise": meta}
+        state_dict = {"optimizers": [o.state_dict() for o in self.optimizers], "layerwise": meta}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         saved = state_dict["optimizers"]
         if len(saved) != len(self.optimizers):
             raise ValueError(f"state dict holds {len(saved)} optimizers, this object wraps {len(self.optimizers)}")
@@ -299,6 +409,34 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         meta = state_dict["layerwise"]
         self.micro_step = int(meta["micro_step"])
         self._prev_norm = meta.get("prev_norm")
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    # --- copies (copy.deepcopy, pickle) ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Everything but the hook handles and the ``id(param)``-keyed owners; the copy hooks its
+        own (copied) parameters in :meth:`__setstate__`. Between updates only, as
+        :meth:`state_dict`: a copied ``nn.Parameter`` does not keep its ``.grad``, so an
+        accumulation in progress could not be carried over."""
+        if self._ddp:
+            raise TypeError(
+                "a LayerwiseOptimizer attached to a DDP model (register_ddp) cannot be copied: copy "
+                "the wrapped optimizers or save state_dict(), and wrap and register the copy again"
+            )
+        if self._low_rank or self.micro_step % self.accumulation_steps or self._callback_queued:
+            raise RuntimeError(
+                "copy a LayerwiseOptimizer between updates, not in the middle of an accumulation "
+                "(copied parameters do not keep their .grad)"
+            )
+        return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_owner")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._patch_step_function()
+        self._owner = {id(p): o for o in self.optimizers for g in o.param_groups for p in g["params"]}
+        self._handles, self._unhooked = [], []
+        self._attach([p for g in self.param_groups for p in g["params"]])
 
     @property
     def state(self):  # every inner optimizer's per-parameter state, read-only view

@@ -77,6 +77,9 @@ def adafactor_update(
 ) -> None:
     """One Adafactor step of ``param`` in place; a GaLore step when ``galore`` (bases may then be
     ``None`` for a side not projected, both ``None`` for a full-size update)."""
+    if param.numel() == 0:  # nothing to update (torch.optim.Adafactor divides by zero here)
+        step_t += 1
+        return
     if numerics == "torch":
         _torch_adafactor(param, grad, state, step_t, left, right, galore, scale, lr, eps, clip_threshold, decay_rate, weight_decay)
     else:

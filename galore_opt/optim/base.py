@@ -3,10 +3,13 @@ state, the basis refresh (the cold path) and the state-dict dtype policy."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
+import numbers
 import warnings
-from collections.abc import Iterable
+from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -43,6 +46,33 @@ class GaLoreOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid numerics: {defaults.get('numerics')!r} - must be one of {C.NUMERICS}")
         self._warned_full_rank: set[tuple[int, ...]] = set()
         super().__init__(params, defaults)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, ``copy.deepcopy`` and ``load_state_dict`` all come here.
+
+        ``Optimizer.__getstate__`` keeps only defaults, state and param groups: the private
+        attributes are rebuilt (:meth:`_restore_attributes`). Param groups saved by an older or a
+        newer galore-opt, or by galore-torch, may lack keys this version reads: they take this
+        optimizer's defaults, as torch's optimizers ``setdefault`` their new keys
+        (``test_can_load_older_state_dict``); such a GaLore group is then validated again.
+        """
+        super().__setstate__(state)
+        self._restore_attributes()
+        galore_keys = (*C.GALORE_DEFAULTS, *C.EXTRA_DEFAULTS)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key not in self._optimizer_wide_defaults:
+                    group.setdefault(key, value)
+            if "rank" in group and any(key not in group for key in galore_keys):
+                self._validate_group(group)  # fills the GaLore keys (this class's defaults) and checks them
+
+    #: defaults that are not param-group keys (torch's __setstate__ adds "differentiable")
+    _optimizer_wide_defaults: tuple[str, ...] = ("differentiable",)
+
+    def _restore_attributes(self) -> None:
+        """Private attributes a copy lacks (see :meth:`__setstate__`); subclasses add theirs."""
+        if "_warned_full_rank" not in self.__dict__:
+            self._warned_full_rank = set()
 
     # --- param groups ------------------------------------------------------------------------
 
@@ -93,22 +123,64 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def _iter_params(self, only: Tensor | None = None):
         """Yield ``(group, param, index)`` for params with a gradient (or just ``only``); ``index``
         is the param's position in the optimizer (stable across ranks and resumes: it seeds
-        refreshes)."""
+        refreshes).
+
+        Every gradient is checked before the first parameter is updated (as torch's optimizers
+        do), so an error leaves all parameters and their state untouched and a retry does not
+        update some of them twice."""
         if only is not None:
             group, i = self._locate(only)
-            if only.grad is not None and only.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if only.grad is not None:
+                self._check_grad(group, only)
             yield group, only, i
             return
+        with_grad = []
         index = itertools.count()
         for group in self.param_groups:
             for p in group["params"]:
                 i = next(index)
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                yield group, p, i
+                if p.grad is not None:
+                    self._check_grad(group, p)
+                    with_grad.append((group, p, i))
+        yield from with_grad
+
+    def _check_grad(self, group: dict[str, Any], p: Tensor) -> None:
+        grad = p.grad
+        if grad.is_sparse:
+            raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if grad.shape != p.shape:
+            raise RuntimeError(
+                f"the gradient of a parameter of shape {tuple(p.shape)} has shape {tuple(grad.shape)}: "
+                "a gradient must have its parameter's shape"
+            )
+        if "rank" in group and p.dim() > 2 and not p.is_contiguous():
+            raise RuntimeError(
+                f"the {p.dim()}-D GaLore parameter of shape {tuple(p.shape)} is no longer contiguous "
+                f"(strides {p.stride()}): it was converted after the optimizer was built, e.g. by "
+                "model.to(memory_format=torch.channels_last). GaLore projects it as the matrix "
+                "(shape[0], prod(shape[1:])) of its contiguous layout. Convert the model before "
+                "building the optimizer and put such parameters in a group without 'rank', or keep "
+                "them contiguous (torch.contiguous_format)"
+            )
+        if "rank" in group and grad.dim() > 2 and not grad.is_contiguous():
+            raise RuntimeError(
+                f"the gradient of the {p.dim()}-D GaLore parameter of shape {tuple(p.shape)} is not "
+                f"contiguous (strides {grad.stride()}): GaLore reads it as the matrix (shape[0], "
+                "prod(shape[1:])) of its contiguous layout; make it contiguous before step()"
+            )
+
+    @contextlib.contextmanager
+    def _whole_state(self, p: Tensor) -> Iterator[None]:
+        """A parameter's state appears whole or not at all: if its first step raises (an
+        out-of-memory error or Ctrl-C in the first basis computation), the half-built state is
+        dropped, so the next step starts afresh, as torch's AdamW does."""
+        fresh = not self.state.get(p)
+        try:
+            yield
+        except BaseException:
+            if fresh:
+                self.state.pop(p, None)
+            raise
 
     def _locate(self, p: Tensor) -> tuple[dict[str, Any], int]:
         """``(group, index)`` of ``p``. Optimizer-in-backward asks for every parameter on every
@@ -175,6 +247,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if C.STEP in state:  # initialized (and refreshed) without a basis: updated in full
             return C.NONE
         m, n = p.shape[0], math.prod(p.shape[1:])
+        if min(m, n) == 0:  # an empty matrix: nothing to project (a rank-0 basis under galore_torch's clipping)
+            return C.NONE
         return choose_side((m, n), group["proj_type"], group["rank"], clip_rank=group["numerics"] == "galore_torch")
 
     def _low_rank_shape(self, p: Tensor, group: dict[str, Any], side: str) -> tuple[int, int]:
@@ -283,23 +357,80 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     # --- serialization -----------------------------------------------------------------------
 
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.load_state_dict``, except that the bases keep the dtype they were
         saved in (torch would cast them to the parameter's dtype) and the refresh offset stays on
-        the CPU beside ``step``, so the schedule is read without a device sync."""
+        the CPU beside ``step``, so the schedule is read without a device sync.
+
+        The load hooks see what torch's do: pre-hooks the whole state dict as given, post-hooks
+        the loaded optimizer with its bases (and 8-bit codes) attached. A ``step`` saved as a
+        Python number (galore-torch, Hugging Face and old torch checkpoints) becomes the fp32 CPU
+        tensor this optimizer keeps, galore-torch's projector object the basis it holds;
+        param-group keys the checkpoint lacks take the defaults (see :meth:`__setstate__`).
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         kept: dict[Any, dict[str, Tensor]] = {}
         stripped: dict[Any, dict[str, Any]] = {}
         keep = self._dtype_kept_keys
-        for pid, pstate in state_dict["state"].items():
-            kept[pid] = {k: v for k, v in pstate.items() if k in keep}
-            stripped[pid] = {k: v for k, v in pstate.items() if k not in keep}
-        super().load_state_dict({**state_dict, "state": stripped})
         saved_ids = itertools.chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = itertools.chain.from_iterable(g["params"] for g in self.param_groups)
         id_to_param = dict(zip(saved_ids, params))
+        for pid, pstate in state_dict["state"].items():
+            if _GALORE_TORCH_PROJECTOR in pstate and pid in id_to_param:
+                pstate = _from_galore_torch(pstate, id_to_param[pid])
+            kept[pid] = {k: v for k, v in pstate.items() if k in keep}
+            stripped[pid] = {k: v for k, v in pstate.items() if k not in keep}
+        hooks = self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks
+        self._optimizer_load_state_dict_pre_hooks = OrderedDict()  # run above, not again
+        self._optimizer_load_state_dict_post_hooks = OrderedDict()  # run below, once complete
+        try:
+            super().load_state_dict({**state_dict, "state": stripped})
+        finally:
+            self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = hooks
         for pid, values in kept.items():
             p = id_to_param[pid]
             for key, value in values.items():
                 device = torch.device("cpu") if key == C.REFRESH_OFFSET else p.device
                 self.state[p][key] = value.to(device=device, copy=True)
+        for state in self.state.values():
+            step = state.get(C.STEP)
+            if isinstance(step, numbers.Real) and not isinstance(step, bool):
+                state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
+
+_GALORE_TORCH_PROJECTOR = "projector"
+
+
+def _from_galore_torch(pstate: dict[str, Any], p: Tensor) -> dict[str, Any]:
+    """A galore-torch parameter state (a ``GaLoreProjector`` object beside the moments) in our
+    keys: the projector's ``ortho_matrix`` becomes the basis of the side galore-torch projected
+    (decided from the parameter's shape and ``proj_type`` as galore-torch does)."""
+    pstate = dict(pstate)
+    projector = pstate.pop(_GALORE_TORCH_PROJECTOR)
+    ortho = getattr(projector, "ortho_matrix", None)
+    proj_type = getattr(projector, "proj_type", None)
+    if ortho is None:  # created, never projected: the first step computes the basis
+        return pstate
+    m, n = p.shape[0], math.prod(p.shape[1:])
+    sides = {
+        "std": C.RIGHT if m >= n else C.LEFT,
+        "reverse_std": C.LEFT if m >= n else C.RIGHT,
+        "left": C.LEFT,
+        "right": C.RIGHT,
+        "full": C.FULL,
+    }
+    if proj_type not in sides:
+        raise ValueError(f"galore-torch state with proj_type {proj_type!r}: must be one of {tuple(sides)}")
+    side = sides[proj_type]
+    if side == C.FULL:
+        pstate[C.BASIS_LEFT], pstate[C.BASIS_RIGHT] = ortho[0], ortho[1]
+    else:
+        pstate[C.BASIS_LEFT if side == C.LEFT else C.BASIS_RIGHT] = ortho
+    return pstate

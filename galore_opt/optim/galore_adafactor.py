@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -9,7 +10,14 @@ import torch
 
 from .. import config as C
 from ..functional import check_impl, resolve_impl
-from ..functional.adafactor import adafactor_update, init_adafactor_state
+from ..functional.adafactor import (
+    EXP_AVG,
+    EXP_AVG_SQ,
+    EXP_AVG_SQ_COL,
+    EXP_AVG_SQ_ROW,
+    adafactor_update,
+    init_adafactor_state,
+)
 from .base import GaLoreOptimizer
 
 _DEFAULT_EPS = {"torch": (None, 1e-3), "galore_torch": (1e-30, 1e-3)}
@@ -91,8 +99,9 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 raise ValueError("relative_step=False needs an explicit lr")
             if warmup_init and not relative_step:
                 raise ValueError("warmup_init=True requires relative_step=True")
-        if lr is not None and not lr >= 0.0:
-            raise ValueError(f"Invalid learning rate: {lr!r} - must be >= 0")
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr >= 0.0):
+            # a tensor lr is refused, as GaLoreAdamW refuses it: one rule for all three optimizers
+            raise ValueError(f"Invalid learning rate: {lr!r} - must be a number >= 0")
         if not isinstance(eps, (tuple, list)) or len(eps) != 2:
             raise ValueError(f"Invalid eps: {eps!r} - must be a pair (eps1, eps2)")
         if (eps[0] is not None and not eps[0] >= 0.0) or not eps[1] >= 0.0:
@@ -122,6 +131,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
         )
         super().__init__(params, defaults)
 
+    # galore_torch numerics keep these in fp32 whatever the parameter's dtype (computed in fp32 for
+    # half parameters); torch's load_state_dict would cast them to a bf16 parameter's dtype
+    _dtype_kept_keys = (*GaLoreOptimizer._dtype_kept_keys, EXP_AVG, EXP_AVG_SQ, EXP_AVG_SQ_ROW, EXP_AVG_SQ_COL)
+
     def _validate_group(self, group: dict[str, Any]) -> None:
         if "rank" in group and group.get("basis_dtype") is None:
             group["basis_dtype"] = "float32"
@@ -135,38 +148,39 @@ class GaLoreAdafactor(GaLoreOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, p, index in self._iter_params():
-            state = self.state[p]
-            hyper = {
-                k: group[k]
-                for k in (
-                    "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
-                    "scale_parameter", "relative_step", "warmup_init", "numerics",
-                )
-            }
-            galore = "rank" in group
-            param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
-            side = self._side(p, group) if galore else C.NONE
-            if not state:
-                state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
-                init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
+            with self._whole_state(p):
+                state = self.state[p]
+                hyper = {
+                    k: group[k]
+                    for k in (
+                        "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                        "scale_parameter", "relative_step", "warmup_init", "numerics",
+                    )
+                }
+                galore = "rank" in group
+                param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
+                side = self._side(p, group) if galore else C.NONE
+                if not state:
+                    state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+                    shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
+                    init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
+                    if galore:
+                        self._init_galore_offset(p, group)
+                deferred = None
                 if galore:
-                    self._init_galore_offset(p, group)
-            deferred = None
-            if galore:
-                deferred = self._refresh_if_due(p, grad, group, index, side)
-                resolve_impl(group["impl"], p.device, None)
-            adafactor_update(
-                param,
-                grad,
-                state,
-                state[C.STEP],
-                state.get(C.BASIS_LEFT),
-                state.get(C.BASIS_RIGHT),
-                galore=galore,
-                scale=group.get("scale", 1.0),
-                **hyper,
-            )
-            if deferred is not None:
-                self._refresh(p, grad, group, index, side, deferred)
+                    deferred = self._refresh_if_due(p, grad, group, index, side)
+                    resolve_impl(group["impl"], p.device, None)
+                adafactor_update(
+                    param,
+                    grad,
+                    state,
+                    state[C.STEP],
+                    state.get(C.BASIS_LEFT),
+                    state.get(C.BASIS_RIGHT),
+                    galore=galore,
+                    scale=group.get("scale", 1.0),
+                    **hyper,
+                )
+                if deferred is not None:
+                    self._refresh(p, grad, group, index, side, deferred)
         return loss

@@ -108,7 +108,8 @@ class GaLoreAdamW(GaLoreOptimizer):
             with torch.enable_grad():
                 loss = closure()
         for group, p, index in self._iter_params():
-            self._step_one(group, p, index)
+            with self._whole_state(p):
+                self._step_one(group, p, index)
         return loss
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
@@ -164,7 +165,8 @@ class GaLoreAdamW(GaLoreOptimizer):
         projected with ``p``'s current basis (accumulated micro-batches), used instead of
         ``p.grad``; only when :meth:`low_rank_accumulation_ready` said so."""
         for group, q, index in self._iter_params(only=p):
-            self._step_one(group, q, index, low_rank_grad)
+            with self._whole_state(q):
+                self._step_one(group, q, index, low_rank_grad)
 
     _supports_low_rank_grad = True
 

@@ -99,6 +99,15 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     _kernel = "adamw8bit"
 
+    _optimizer_wide_defaults = (*GaLoreAdamW._optimizer_wide_defaults, "block_size", "min_8bit_size")
+
+    def _restore_attributes(self) -> None:
+        super()._restore_attributes()
+        # a copy (deepcopy, pickle) keeps the defaults but not these attributes
+        self.__dict__.setdefault("_block_size", self.defaults["block_size"])
+        self.__dict__.setdefault("_min_8bit_size", self.defaults["min_8bit_size"])
+        self.__dict__.setdefault("_maps", {})
+
     def _fused_galore_step(self, param, grad, state, left, right, group, low=None) -> bool:
         """The Triton path: cuBLAS down-projection, the fused 8-bit moment kernel, the Triton
         up-projection with the weight update in its epilogue. fp32 (small) moments, galore_torch
