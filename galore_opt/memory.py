@@ -603,16 +603,17 @@ def _layer_backward_steps(spec: ModelSpec, d: int, batch: int, seq: int, checkpo
 
 
 def _refresh_workspace(m: int, n: int, rank: int, d: int, kind: bool | str = True) -> int:
-    """A basis refresh: in fp32 the gradient's copy (when it is not fp32) and the randomized range
-    finder's (``kind="cold"``: the first refresh) or the warm-started power iteration's
-    (``"warm"``) skinny temporaries; ``True``: the larger. (The finiteness check is a sum: no
+    """A basis refresh: in fp32 the gradient's copy (when it is not fp32; on the first refresh
+    always, since its non-finite entries are zeroed in a copy) and the randomized range finder's
+    (``kind="cold"``: the first refresh) or the warm-started power iteration's (``"warm"``) skinny
+    temporaries; ``True``: the larger. (The finiteness check is a max-abs reduction: no
     temporary.)"""
     big, small = max(m, n), min(m, n)
     k = min(rank + _OVERSAMPLE, small)
-    cold = (COLD_REFRESH_COEF[0] * big + COLD_REFRESH_COEF[1] * small) * k * 4
-    warm = (WARM_REFRESH_COEF[0] * big + WARM_REFRESH_COEF[1] * small) * min(rank, small) * 4
-    basis = {"cold": cold, "warm": warm}.get(kind, max(cold, warm)) if isinstance(kind, str) else max(cold, warm)
-    return int((4 * m * n if d != 4 else 0) + basis)
+    copy = 4 * m * n
+    cold = (COLD_REFRESH_COEF[0] * big + COLD_REFRESH_COEF[1] * small) * k * 4 + copy
+    warm = (WARM_REFRESH_COEF[0] * big + WARM_REFRESH_COEF[1] * small) * min(rank, small) * 4 + (copy if d != 4 else 0)
+    return int({"cold": cold, "warm": warm}.get(kind, max(cold, warm)) if isinstance(kind, str) else max(cold, warm))
 
 
 def _adamw8bit_full_workspace(numel: int, d: int, device: str) -> int:

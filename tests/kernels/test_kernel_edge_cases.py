@@ -170,3 +170,24 @@ def test_kernels_as_operators_match_the_launchers():
     torch.ops.galore_opt.adamw8bit(z, *zc, signed, unsigned, 0.9, 0.999, 1e-8, 1.0, 16, torch.float32)
     want = [*quantize_blockwise(z, signed, 16), *quantize_blockwise(z, unsigned, 16)]
     assert all(torch.equal(x, y) for x, y in zip(zc, want))
+
+
+def test_operators_trace_under_torch_compile_without_graph_breaks():
+    # dynamo traces the operators through their fake implementations (fullgraph: no graph break)
+    import galore_opt.kernels.ops  # noqa: F401
+
+    def step(low, m, v, w, p):
+        norm = torch.ops.galore_opt.lowrank_adam(low, m, v, 0.9, 0.999, 1e-8, 2.0, torch.float32)
+        torch.ops.galore_opt.project_back_update(w, p, norm, -1e-3, 1.0)
+        return norm
+
+    gen = torch.Generator().manual_seed(5)
+    args = [torch.randn(4, 24, generator=gen), torch.zeros(4, 24), torch.zeros(4, 24), torch.randn(12, 24, generator=gen),
+            torch.linalg.qr(torch.randn(12, 4, generator=gen))[0]]  # fmt: skip
+    args = [a.to(DEVICE) for a in args]
+    eager = [a.clone() for a in args]
+    compiled = torch.compile(step, fullgraph=True, backend="eager")
+    out = compiled(*args)
+    want = step(*eager)
+    assert torch.equal(out, want)
+    assert all(torch.equal(a, b) for a, b in zip(args, eager))  # the mutations happened alike
