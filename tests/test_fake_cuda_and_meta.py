@@ -97,11 +97,14 @@ def _meta_model():
     return model, matrices, others
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])
 @pytest.mark.parametrize("layerwise", [False, True])
 @pytest.mark.parametrize("cls", [GaLoreAdamW, GaLoreAdamW8bit, GaLoreAdafactor])
-def test_every_optimizer_runs_on_meta(cls, layerwise):
+def test_every_optimizer_runs_on_meta(cls, layerwise, impl):
+    # "auto" on meta takes the fused operators (their fake implementations: the GPU's path) when
+    # Triton is installed; "reference" the plain PyTorch path
     model, matrices, others = _meta_model()
-    opt = cls([{"params": matrices, "rank": 16, "update_proj_gap": 2}, {"params": others}], lr=1e-3)
+    opt = cls([{"params": matrices, "rank": 16, "update_proj_gap": 2}, {"params": others}], lr=1e-3, impl=impl)
     if layerwise:
         opt = LayerwiseOptimizer(opt, accumulation_steps=2)
     tokens = torch.zeros(4, 8, dtype=torch.long, device="meta")

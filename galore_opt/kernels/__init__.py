@@ -35,8 +35,10 @@ def triton_usable(device: torch.device | str | torch.Tensor) -> bool:
 
     ``import triton`` succeeding is not enough: without a GPU a launch fails with "0 active
     drivers". CUDA tensors need a visible CUDA device; CPU tensors need interpreter mode. A fake
-    CUDA tensor (``FakeTensorMode``, e.g. on a machine without a GPU) counts as CUDA: the kernels'
-    operators (:mod:`galore_opt.kernels.ops`) run their fake implementations on it.
+    CUDA tensor (``FakeTensorMode``, e.g. on a machine without a GPU) counts as CUDA, and so does
+    a ``meta`` tensor: the kernels' operators (:mod:`galore_opt.kernels.ops`) run their fake
+    implementations on them, so a step on fake or meta tensors follows (and its memory models)
+    the path a GPU runs.
     """
     if not triton_installed():
         return False
@@ -45,6 +47,8 @@ def triton_usable(device: torch.device | str | torch.Tensor) -> bool:
             return True
         device = device.device
     device = torch.device(device)
+    if device.type == "meta":
+        return True
     if device.type == "cuda":
         return torch.cuda.is_available()
     return device.type == "cpu" and interpreter_mode()
