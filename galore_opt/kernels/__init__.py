@@ -34,7 +34,8 @@ def triton_usable(device: torch.device | str | torch.Tensor) -> bool:
     """Whether a Triton kernel could launch on ``device`` (or a tensor's device).
 
     ``import triton`` succeeding is not enough: without a GPU a launch fails with "0 active
-    drivers". CUDA tensors need a visible CUDA device; CPU tensors need interpreter mode. A fake
+    drivers". CUDA tensors need a visible CUDA device of compute capability 8.0 or newer (the
+    targets the kernels are compiled for); CPU tensors need interpreter mode. A fake
     CUDA tensor (``FakeTensorMode``, e.g. on a machine without a GPU) counts as CUDA, and so does
     a ``meta`` tensor: the kernels' operators (:mod:`galore_opt.kernels.ops`) run their fake
     implementations on them, so a step on fake or meta tensors follows (and its memory models)
@@ -50,8 +51,17 @@ def triton_usable(device: torch.device | str | torch.Tensor) -> bool:
     if device.type == "meta":
         return True
     if device.type == "cuda":
-        return torch.cuda.is_available()
+        return torch.cuda.is_available() and _capability_supported(device.index)
     return device.type == "cpu" and interpreter_mode()
+
+
+@functools.cache
+def _capability_supported(index: int | None) -> bool:
+    """Whether the CUDA device ``index`` (None: the current one) is sm_80 or newer, the targets
+    the kernels are compiled and checked for; an older GPU takes the reference path."""
+    from .configs import MIN_CAPABILITY
+
+    return torch.cuda.get_device_capability(index) >= MIN_CAPABILITY
 
 
 #: optimizer step kernels this build ships, by the name the optimizers ask for

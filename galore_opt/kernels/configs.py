@@ -15,7 +15,11 @@ from __future__ import annotations
 TARGETS = (80, 86, 89, 90)
 
 #: the largest dynamic shared memory a block may use, in bytes, by compute capability
-SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
+SHARED_MEMORY_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+#: the oldest compute capability the kernels run on (bf16 tensor-core dots need sm_80); older
+#: GPUs take the reference path
+MIN_CAPABILITY = (8, 0)
 
 #: elements per launch of an elementwise kernel: its 32-bit offsets stay below 2^31, and a larger
 #: tensor is processed in several launches (a power of two, so whole quantization blocks)
@@ -69,12 +73,14 @@ OPERAND_KINDS = ("16bit", "tf32", "ieee")
 def project_back_configs(arch: int, operand: str) -> list[tuple[int, int, int, int, int]]:
     """The ``(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)`` configs the up-projection GEMM may
     launch on compute capability ``arch`` with ``operand`` (one of :data:`OPERAND_KINDS`); the
-    first is the default. sm_90 and newer take the sm_90 list, sm_80 and sm_87 (163 KiB of shared
-    memory) the sm_80 one, every other target (99 KiB or less) the small one."""
+    first is the default. sm_90 and sm_100 (227 KiB of shared memory) take the sm_90 list, sm_80
+    and sm_87 (163 KiB) the sm_80 one, every other target (99 KiB or less: sm_86, sm_89, sm_120, or
+    unlisted) the small one."""
     table = _GEMM.get(operand)
     if table is None:
         raise ValueError(f"operand must be one of {OPERAND_KINDS}, got {operand!r}")
-    group = "sm90" if arch >= 90 else "sm80" if SHARED_MEMORY_LIMIT.get(arch, 0) > 101376 else "small"
+    limit = SHARED_MEMORY_LIMIT.get(arch, 101376)  # an unlisted target: the smallest lists
+    group = "sm90" if arch >= 90 and limit > 166912 else "sm80" if limit > 101376 else "small"
     return list(table[group])
 
 
@@ -92,6 +98,7 @@ __all__ = [
     "GEMM_GROUP_M",
     "adamw8bit_warps",
     "LOWRANK_ADAM_BLOCK",
+    "MIN_CAPABILITY",
     "MAX_LAUNCH_ELEMENTS",
     "OPERAND_KINDS",
     "SHARED_MEMORY_LIMIT",
