@@ -175,15 +175,7 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
     steady = step_s[1:] or step_s  # the first step builds every basis (the refresh stall)
     tokens = batch * seq * args.accumulation
     result = {
-        "size": args.size,
-        "batch": batch,
-        "seq": seq,
-        "accumulation": args.accumulation,
-        "checkpointing": args.checkpointing,
-        "rank": rank,
-        "params": sum(p.numel() for p in model.parameters()),
-        "weights_gib": weights / GiB,
-        "optimizer_state_gib": galore_opt.optimizer_state_bytes(optimizer) / GiB,
+        **_run_facts(args, model, optimizer, batch, seq, rank, weights),
         "peak_gib": peak / GiB,
         "peak_kind": "torch.cuda.max_memory_allocated"
         if device.type == "cuda"
@@ -198,6 +190,21 @@ def run(args: argparse.Namespace, batch: int, seq: int) -> dict[str, Any]:
     }
     optimizer.remove_hooks()
     return result
+
+
+def _run_facts(args, model, optimizer, batch, seq, rank, weights) -> dict[str, Any]:
+    """What every run reports besides its measurements."""
+    return {
+        "size": args.size,
+        "batch": batch,
+        "seq": seq,
+        "accumulation": args.accumulation,
+        "checkpointing": args.checkpointing,
+        "rank": rank,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_gib": weights / GiB,
+        "optimizer_state_gib": galore_opt.optimizer_state_bytes(optimizer) / GiB,
+    }
 
 
 def _run_meta(args, model, optimizer, config, batch, seq, rank, weights, estimate) -> dict[str, Any]:
@@ -226,15 +233,7 @@ def _run_meta(args, model, optimizer, config, batch, seq, rank, weights, estimat
         s["estimate_bytes"] = est
         s["estimate_error"] = est / s["peak_bytes"] - 1
     result = {
-        "size": args.size,
-        "batch": batch,
-        "seq": seq,
-        "accumulation": args.accumulation,
-        "checkpointing": args.checkpointing,
-        "rank": rank,
-        "params": sum(p.numel() for p in model.parameters()),
-        "weights_gib": weights / GiB,
-        "optimizer_state_gib": galore_opt.optimizer_state_bytes(optimizer) / GiB,
+        **_run_facts(args, model, optimizer, batch, seq, rank, weights),
         "peak_gib": max(s["peak_bytes"] for s in steps) / GiB,
         "peak_kind": "MemTracker live-tensor peak on meta tensors (attention: flash stand-in)",
         "estimate_gib": estimate.total / GiB,
