@@ -28,7 +28,7 @@ from .callbacks import AnalysisCallback
 from .galore_diagnostics import GaLoreDiagnostics, unwrap_optimizer
 from .pruning import MaskKeeper
 from .ramanujan import model_scores
-from .sparsity import ACTIVATION_TYPES, ActivationSparsity, weight_sparsity
+from .sparsity import ActivationSparsity, activation_modules, weight_sparsity
 
 __all__ = ["GaLoreDiagnosticsCallback", "MaskKeeperCallback", "RamanujanCallback", "SparsityCallback"]
 
@@ -89,8 +89,9 @@ class SparsityCallback(AnalysisCallback):
         every (int): run every ``every`` steps. Default 100.
         probe (optional): a fixed batch for activation sparsity.
         forward (callable, optional): ``forward(model, batch)``, overriding the default call.
-        types: activation module types hooked. Default
-            :data:`galore_opt.analysis.sparsity.ACTIVATION_TYPES`.
+        types: activation module types hooked. Default (``None``):
+            :data:`galore_opt.analysis.sparsity.ACTIVATION_TYPES` and the ``transformers.activations``
+            modules (``SiLUActivation``, ``GELUActivation``, ``NewGELUActivation``, ...).
         threshold (float): ``|a| <= threshold`` counts as zero. Default 0.
         at_start (bool): also run at step 0. Default True.
     """
@@ -102,17 +103,27 @@ class SparsityCallback(AnalysisCallback):
         every: int = 100,
         probe: Any = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
-        types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES,
+        types: tuple[type[nn.Module], ...] | None = None,
         threshold: float = 0.0,
         at_start: bool = True,
     ) -> None:
         super().__init__(every, at_start)
         self.probe, self.forward, self.types, self.threshold = probe, forward or _forward, types, threshold
+        self._warned = False
 
     def compute(self, model: nn.Module, optimizer: Any = None, batch: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {"weight": weight_sparsity(model)}
         batch = self.probe if self.probe is not None else batch
-        if batch is not None and any(isinstance(m, self.types) for m in model.modules()):
+        if batch is not None and not activation_modules(model, self.types):
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"SparsityCallback: {type(model).__name__} has no activation module of the hooked types "
+                    "(activations called as functions cannot be hooked): activation sparsity is not measured; "
+                    "pass types= with the model's activation classes",
+                    stacklevel=2,
+                )
+        elif batch is not None:
             was_training = model.training
             model.eval()
             try:
