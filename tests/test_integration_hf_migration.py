@@ -411,3 +411,45 @@ def test_layerwise_diagnostics_report_and_print_each_suggestion_once(tmp_path, c
     printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[galore diagnostics]")]
     assert printed and len(printed) == len(set(printed)) and len(printed) <= 6  # one line per rule, once
     assert any("14 matrices" in line for line in printed)
+
+
+def test_graph_analyses_read_conv1d_in_the_layers_orientation():
+    """A GPT-2 Conv1D weight (in, out) is the graph's (left = inputs, right = outputs) layout, the
+    same graph as the equivalent nn.Linear; the Ramanujan scores see every Conv1D layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    from galore_opt.analysis.graphs import layer_graph
+    from galore_opt.analysis.ramanujan import model_scores
+
+    conv, lin = Conv1D(6, 4), nn.Linear(4, 6)
+    with torch.no_grad():
+        conv.weight.copy_(torch.randn(4, 6).masked_fill(torch.rand(4, 6) < 0.5, 0.0))
+        lin.weight.copy_(conv.weight.t())
+    a, b = layer_graph(conv), layer_graph(lin)
+    assert (a.dim_in, a.dim_out) == (4, 6) and torch.equal(a.biadjacency, b.biadjacency)
+    layers = model_scores(gpt2(), with_full_spectrum=False)["layers"]
+    assert {n for n in layers if ".h.0." in n} == {"transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                                                   "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"}  # fmt: skip
+
+
+def test_loop_callbacks_save_json_and_plots_and_warn_without_matplotlib(tmp_path, monkeypatch):
+    import sys
+
+    from galore_opt.analysis.callbacks import LoopCallbacks
+    from galore_opt.analysis.pruning_callbacks import GaLoreDiagnosticsCallback
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    opt = GaLoreAdamW(galore_param_groups(model, ["0"], rank=2, update_proj_gap=2), lr=1e-2)
+    runner = LoopCallbacks([GaLoreDiagnosticsCallback(every=2)])
+    runner.step(0, model, opt)
+    for step in range(1, 7):
+        opt.zero_grad()
+        model(torch.randn(8, 16)).square().mean().backward()
+        opt.step()
+        runner.step(step, model, opt)
+    paths = runner.save(tmp_path)
+    assert [p.name for p in paths] == ["analysis.json", "analysis_galore.png"]
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # not installed
+    with pytest.warns(UserWarning, match="analysis plots not written: plotting needs matplotlib"):
+        paths = runner.save(tmp_path / "no_mpl")
+    assert [p.name for p in paths] == ["analysis.json"]
