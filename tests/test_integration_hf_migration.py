@@ -140,7 +140,9 @@ def test_every_hf_galore_name_trains_every_architecture(tmp_path, arch, optim):
 def test_other_optim_names_are_refused_and_contradictions_too(tmp_path):
     with pytest.raises(ValueError, match="optim='adafactor' is not a GaLore optimizer: use one of"):
         GaLoreTrainer(model=llama(), args=_args(tmp_path, optim="adafactor"), train_dataset=Sequences())
-    with pytest.raises(ValueError, match="galore_optimizer='adafactor' contradicts TrainingArguments.optim='galore_adamw'"):
+    with pytest.raises(
+        ValueError, match="galore_optimizer='adafactor' contradicts TrainingArguments.optim='galore_adamw'"
+    ):
         GaLoreTrainer(model=llama(), args=_args(tmp_path, optim="galore_adamw"), train_dataset=Sequences(),
                       galore_optimizer="adafactor")  # fmt: skip
     with pytest.raises(ValueError, match="layerwise=False contradicts"):
