@@ -99,11 +99,12 @@ def galore_param_groups(
         target_modules: ``None`` (default): every ``nn.Linear`` and ``Conv1D`` except the model's
             output head (``get_output_embeddings()`` or ``lm_head``). Otherwise as Hugging Face's
             ``optim_target_modules``: ``"all-linear"``, a regex string matched against the full
-            module name, or a list of names / substrings / regexes. ``"all-linear"`` is the Trainer's selection for GaLore in transformers 5.x:
-            every ``nn.Linear`` whose weight is its own parameter, output heads and classifiers
-            included (a head tied to the input embedding is not selected, as in the Trainer);
-            unlike the Trainer it also selects ``Conv1D`` layers (the Trainer's selects only
-            ``lm_head`` on GPT-2). A small matrix (``rank >= min(m, n)``, e.g. a 3-class
+            module name, or a list of names / substrings / regexes. ``"all-linear"`` is the
+            Trainer's selection for GaLore in transformers 5.x: every ``nn.Linear`` whose weight
+            is its own parameter, output heads and classifiers included (a head tied to the input
+            embedding is not selected, as in the Trainer); unlike the Trainer it also selects
+            ``Conv1D`` layers (on GPT-2 the Trainer's selects nothing: its only ``nn.Linear`` is
+            the tied head). A small matrix (``rank >= min(m, n)``, e.g. a 3-class
             classifier) then gets the full AdamW update times ``scale``, as with galore-torch;
             list the modules you want instead to keep it out.
         rank, update_proj_gap, scale, proj_type, proj_method: the GaLore group keys.

@@ -27,7 +27,8 @@ Semantics, name by name, against the Trainer's built-in path (``transformers`` 5
 * ``galore_adamw_8bit``: ``GaLoreAdamW8bit``; eps 1e-8 (bitsandbytes' default, the Trainer's).
 * ``galore_adafactor``: ``GaLoreAdafactor`` with the Trainer's flags ``scale_parameter=False,
   relative_step=False`` and ``lr=learning_rate``, which are Hugging Face's Adafactor
-  (``numerics="galore_torch"``; torch's Adafactor rule has no external learning rate).
+  (``numerics="galore_torch"``; torch's Adafactor rule has no external learning rate:
+  ``optim_args="numerics=torch"`` selects it, with ``learning_rate`` capping its relative step).
 * ``*_layerwise``: the same optimizer in :class:`~galore_opt.layerwise.LayerwiseOptimizer`. The
   Trainer refuses gradient accumulation there; we accumulate the projected gradient. (The Trainer's
   ``galore_adafactor_layerwise`` omits the Adafactor flags and so raises on any ``learning_rate``;
@@ -326,7 +327,9 @@ def _make_trainer_class():
                 args = (args[0], copy.copy(args[1]), *args[2:])
             elif kwargs.get("args") is not None:
                 kwargs["args"] = copy.copy(kwargs["args"])
-            self._galore_choice = (galore_optimizer, layerwise)
+            given = args[1] if len(args) >= 2 else kwargs.get("args")
+            if given is not None:
+                resolve_optim(given, galore_optimizer, layerwise)  # refuse a wrong optim before any set-up
             self.galore_kwargs = dict(galore_kwargs or {})
             super().__init__(*args, **kwargs)
             name, lw, _ = resolve_optim(self.args, galore_optimizer, layerwise)
