@@ -218,6 +218,18 @@ def test_losses_agree_with_the_trainers_builtin_galore_8bit_on_cuda(tmp_path):
     assert _losses(ours) == pytest.approx(_losses(hf), rel=2e-2)
 
 
+def test_the_trainers_galore_adafactor_layerwise_fails_where_ours_takes_the_lr(tmp_path):
+    """What the README says of the Trainer's own galore_adafactor_layerwise: without the Adafactor
+    flags, galore-torch's Adafactor refuses any learning rate."""
+    pytest.importorskip("galore_torch")
+    hf = transformers.Trainer(model=llama(), args=_args(tmp_path, optim="galore_adafactor_layerwise"),
+                              train_dataset=Sequences())  # fmt: skip
+    with pytest.raises(ValueError, match="Cannot combine manual `lr` and `relative_step=True`"):
+        hf.create_optimizer()
+    ours = galore_optimizer(llama(), _args(tmp_path, optim="galore_adafactor_layerwise"))
+    assert ours.optimizers[0].defaults["relative_step"] is False and ours.param_groups[0]["lr"] == 3e-3
+
+
 def test_adafactor_trains_as_the_trainers(tmp_path):
     """The trial of the issue: tiny LLaMA, lr 3e-3. GaLoreTrainer(galore_optimizer="adafactor")
     used torch's relative-step rule and barely trained; it now takes the Trainer's lr."""
