@@ -80,12 +80,11 @@ def main() -> None:
         f"\noverall: energy at refresh {o['energy_at_refresh']:.3f} (optimal rank-{args.rank} "
         f"{o['optimal_energy']:.3f}), between refreshes {o['energy_between']:.3f}, drift {o['drift']:.3f}"
     )
-    suggestions = diag.suggestions()
-    print(f"\n{len(suggestions)} suggestions" + (":" if suggestions else ""))
-    for s in suggestions[:12]:
+    suggestions = diag.suggestions()  # one per matrix and rule, all in the JSON
+    grouped = diag.grouped_suggestions()  # one line per rule
+    print(f"\n{len(suggestions)} suggestions ({len(grouped)} rules)" + (":" if grouped else ""))
+    for s in grouped:
         print(" -", s)
-    if len(suggestions) > 12:
-        print(f"   ... and {len(suggestions) - 12} more (in the JSON)")
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

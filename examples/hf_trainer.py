@@ -1,8 +1,17 @@
 """Pre-train a small LLaMA with the Hugging Face Trainer and a galore-opt optimizer.
 
     python examples/hf_trainer.py                                   # GaLoreAdamW, 200 steps
-    python examples/hf_trainer.py --optimizer adamw8bit --layerwise --accumulation 2
+    python examples/hf_trainer.py --optim galore_adamw_8bit_layerwise --accumulation 2
+    python examples/hf_trainer.py --optimizer adafactor --arch gpt2 --analysis
     python examples/hf_trainer.py --resume results/hf_trainer/checkpoint-100
+
+``--optim`` takes the Trainer's own GaLore names (``galore_adamw``, ``galore_adamw_8bit``,
+``galore_adafactor`` and their ``_layerwise`` variants) exactly as ``TrainingArguments(optim=...)``
+does: coming from the built-in GaLore, only ``Trainer`` changes to ``GaLoreTrainer``.
+``--optimizer``/``--layerwise`` are the same choice without the Trainer's names. ``--arch gpt2``
+trains a GPT-2 (its ``transformers`` ``Conv1D`` projections are the GaLore matrices);
+``--analysis`` attaches the GaLore diagnostics and sparsity callbacks, whose entries are logged
+next to the Trainer's loss, and writes their JSON and PNG plots to ``<out>/analysis/``.
 
 The model is built from a config (random init); the data are the local text corpus that
 ``make demo`` uses (this Python installation's sources, tokenized by a BPE tokenizer trained on
@@ -19,14 +28,18 @@ from pathlib import Path
 import torch
 from transformers import TrainingArguments
 
-from galore_opt.integrations.transformers import GaLoreTrainer
-from galore_opt.toy import TokenStream, build_llama, llama_config
+from galore_opt.integrations.transformers import HF_OPTIM_NAMES, GaLoreTrainer
+from galore_opt.toy import LLAMA_SIZES, TokenStream, build_llama, llama_config
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--optim", default=None, choices=sorted(HF_OPTIM_NAMES),
+                   help="the Trainer's GaLore name (TrainingArguments.optim); overrides --optimizer/--layerwise")
     p.add_argument("--optimizer", default="adamw", choices=("adamw", "adamw8bit", "adafactor"))
     p.add_argument("--layerwise", action="store_true", help="optimizer-in-backward updates")
+    p.add_argument("--arch", default="llama", choices=("llama", "gpt2"))
+    p.add_argument("--analysis", action="store_true", help="GaLore diagnostics and sparsity callbacks, with plots")
     p.add_argument("--size", default="tiny")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--batch", type=int, default=8)
@@ -60,7 +73,16 @@ def main(argv=None):
     args = parse_args(argv)
     stream = TokenStream.from_local_corpus(vocab_size=args.vocab)
     train = block_dataset(stream, args.seq, max_blocks=args.steps * args.batch * args.accumulation)
-    model = build_llama(llama_config(args.size, stream.vocab_size), seed=0)
+    if args.arch == "gpt2":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        hidden, _, layers, heads = LLAMA_SIZES[args.size]
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max(args.seq, 128),
+                                           vocab_size=stream.vocab_size, bos_token_id=0, eos_token_id=0))  # fmt: skip
+    else:
+        model = build_llama(llama_config(args.size, stream.vocab_size), seed=0)
+    choice = {} if args.optim else {"galore_optimizer": args.optimizer, "layerwise": args.layerwise}
     targs = TrainingArguments(
         output_dir=str(args.out),
         max_steps=args.steps,
@@ -79,13 +101,22 @@ def main(argv=None):
         use_cpu=not torch.cuda.is_available(),
         seed=0,
         disable_tqdm=False,
+        **({"optim": args.optim} if args.optim else {}),
     )
-    trainer = GaLoreTrainer(model=model, args=targs, train_dataset=train, data_collator=collate,
-                            galore_optimizer=args.optimizer, layerwise=args.layerwise)  # fmt: skip
+    trainer = GaLoreTrainer(model=model, args=targs, train_dataset=train, data_collator=collate, **choice)
+    if args.analysis:
+        from galore_opt.analysis.callbacks import attach_to_trainer
+        from galore_opt.analysis.pruning_callbacks import GaLoreDiagnosticsCallback, SparsityCallback
+
+        probe = collate([train[i] for i in range(min(4, len(train)))])
+        every = max(1, args.steps // 10)
+        attach_to_trainer(trainer, [GaLoreDiagnosticsCallback(every=every, print_suggestions=True),
+                                    SparsityCallback(every=every, probe=probe, threshold=1e-2)])  # fmt: skip
     trainer.train(resume_from_checkpoint=args.resume)
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    print(f"{args.optimizer}{' layer-wise' if args.layerwise else ''}: loss {losses[0]:.3f} -> {losses[-1]:.3f} "
-          f"over {args.steps} steps; checkpoints in {args.out}")  # fmt: skip
+    name = f"{trainer.galore_optimizer_name}{' layer-wise' if trainer.galore_layerwise else ''}"
+    print(f"{args.arch} {name}: loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps; "
+          f"checkpoints in {args.out}")  # fmt: skip
     return losses
 
 

@@ -114,7 +114,7 @@ from pathlib import Path
 from typing import Any
 
 from .functional.adamw import CPU_SLICE
-from .param_groups import _is_all_linear, _module_matches
+from .param_groups import _is_all_linear, _module_matches, is_conv1d
 from .quant import DEFAULT_BLOCK_SIZE, DEFAULT_CHUNK_SIZE, SMALL_TENSOR_THRESHOLD
 
 __all__ = [
@@ -292,8 +292,8 @@ def _load_config(config: Any, vocab_size: int | None) -> tuple[Any, str]:
 
 
 def _select_galore(module_name: str, target_modules: Any) -> bool:
-    if _is_all_linear(target_modules):
-        return True  # every nn.Linear but the head, which the callers never pass here
+    if target_modules is None or _is_all_linear(target_modules):
+        return True  # every nn.Linear; the head, which the callers never pass here, is decided apart
     return _module_matches(target_modules, module_name)
 
 
@@ -325,7 +325,10 @@ def _llama_params(cfg: Any, target_modules: Any) -> list[ParamSpec]:
             params.append(ParamSpec(f"model.layers.{i}.{norm}.weight", (h,), "norm", i, False))
     params.append(ParamSpec("model.norm.weight", (h,), "norm", None, False))
     if not getattr(cfg, "tie_word_embeddings", False):
-        head_galore = not _is_all_linear(target_modules) and _module_matches(target_modules, "lm_head")
+        # None (galore_param_groups' default) leaves the head out; "all-linear" (the Trainer's) keeps it
+        head_galore = target_modules is not None and (
+            _is_all_linear(target_modules) or _module_matches(target_modules, "lm_head")
+        )
         params.append(ParamSpec("lm_head.weight", (vocab, h), "head", None, head_galore))
     return params
 
@@ -343,9 +346,12 @@ def _meta_params(cfg: Any, target_modules: Any) -> list[ParamSpec]:
     embed = model.get_input_embeddings()
     galore: set[int] = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and (module is not head or not _is_all_linear(target_modules)):
-            if _is_all_linear(target_modules) or _module_matches(target_modules, name):
-                galore.add(id(module.weight))
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            continue
+        if module is head and (target_modules is None or (embed is not None and head.weight is embed.weight)):
+            continue  # the default leaves the head out; a tied head is the embedding's parameter
+        if target_modules is None or _is_all_linear(target_modules) or _module_matches(target_modules, name):
+            galore.add(id(module.weight))
     layer_re = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
     params = []
     for name, p in model.named_parameters():
@@ -366,7 +372,7 @@ def _meta_params(cfg: Any, target_modules: Any) -> list[ParamSpec]:
 def model_spec(
     config: Any,
     *,
-    target_modules: str | Iterable[str] = "all-linear",
+    target_modules: str | Iterable[str] | None = None,
     vocab_size: int | None = None,
     attention: str | None = None,
 ) -> ModelSpec:
@@ -377,8 +383,8 @@ def model_spec(
             dict with ``model_type``, or a name ``"llama-60m"`` ... ``"llama-7b"`` (also
             ``"llama-tiny"``; :func:`galore_opt.toy.llama_config` with a 32000-token vocabulary).
         target_modules: which ``nn.Linear`` weights are GaLore matrices, as in
-            :func:`galore_opt.galore_param_groups` (``"all-linear"``: every linear layer but the
-            output head).
+            :func:`galore_opt.galore_param_groups` (default ``None``: every linear layer but the
+            output head; ``"all-linear"``: the head too, when it is not tied).
         vocab_size: overrides the config's vocabulary.
         attention: ``"sdpa"``, ``"eager"`` or ``"flash_attention_2"``; default: the config's
             ``_attn_implementation`` if it is one of these, else ``"sdpa"``.
@@ -815,7 +821,7 @@ def estimate_memory(
     rank: int | None = None,
     dtype: str = "bf16",
     activation_checkpointing: bool = False,
-    target_modules: str | Iterable[str] = "all-linear",
+    target_modules: str | Iterable[str] | None = None,
     grad_accumulation: int = 1,
     update_proj_gap: int | None = None,
     vocab_size: int | None = None,
@@ -1479,7 +1485,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab-size", type=int, default=None, help="override the vocabulary (named models: 32000)")
     ap.add_argument("--attention", default=None, help="sdpa (default), eager or flash_attention_2")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu: default optimizer implementations")
-    ap.add_argument("--target-modules", default="all-linear", help="GaLore modules: all-linear, a regex, or a,b,c")
+    ap.add_argument("--target-modules", default=None,
+                    help="GaLore modules: all-linear (head included), a regex, or a,b,c; default every linear but the head")
     ap.add_argument("--budget", default=None, help="memory budget, e.g. 24GiB, 80GB, 24G")
     ap.add_argument("--json", default=None, help="also write the estimate(s) as JSON here")
     ap.add_argument("--all", action="store_true", help="table over llama-60m..7b and every optimizer")
@@ -1489,7 +1496,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _targets(text: str) -> str | list[str]:
+def _targets(text: str | None) -> str | list[str] | None:
+    if text is None:
+        return None
     return text if _is_all_linear(text) or "," not in text else [t.strip() for t in text.split(",") if t.strip()]
 
 

@@ -44,6 +44,15 @@ def test_hf_trainer_example_runs_layerwise_with_accumulation(tmp_path):
     assert (tmp_path / "checkpoint-2" / "optimizer.pt").exists()
 
 
+def test_hf_trainer_example_gpt2_with_hf_optim_name_and_analysis(tmp_path):
+    pytest.importorskip("datasets")
+    example = _load("hf_trainer")
+    losses = example.main(["--steps", "4", "--batch", "2", "--seq", "32", "--arch", "gpt2", "--optim",
+                           "galore_adafactor_layerwise", "--analysis", "--out", str(tmp_path), "--save-steps", "4"])  # fmt: skip
+    assert len(losses) >= 2 and all(math.isfinite(x) for x in losses)
+    assert (tmp_path / "analysis" / "analysis.json").exists() and (tmp_path / "analysis" / "analysis_galore.png").exists()
+
+
 def test_accelerate_ddp_example_two_processes():
     import os
     import subprocess

@@ -71,9 +71,10 @@ def test_other_architectures_are_read_from_the_meta_device(tmp_path):
     spec = model_spec(config)
     assert [(p.name, p.shape) for p in spec.params] == _meta_params(config)
     assert not spec.exact_activations and sum(p.galore for p in spec.params) == 2 * 7
-    with pytest.raises(ValueError, match="selects no nn.Linear"):  # GPT-2's Conv1D is not nn.Linear
-        model_spec(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, bos_token_id=0,
-                                           eos_token_id=0))
+    # GPT-2's projections are transformers Conv1D (weights stored transposed): GaLore matrices too
+    gpt2 = model_spec(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, bos_token_id=0,
+                                              eos_token_id=0))
+    assert sum(p.galore for p in gpt2.params) == 2 * 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj
     path = tmp_path / "config.json"
     path.write_text(toy.llama_config("tiny", 777).to_json_string())
     assert model_spec(path).vocab_size == 777 and model_spec(tmp_path).num_params == model_spec(path).num_params

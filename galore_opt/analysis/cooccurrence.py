@@ -17,7 +17,7 @@ per-sample losses falling at nearly the same rate. :func:`cooccurrence_probe` lo
 quantities; :func:`train_cooccurrence` runs the experiment.
 
 The paper's exact data model was not available; this design is consistent with its description
-(see ``COMPANIONS.md`` section 5).
+(the paper's description of its setting).
 
 Reference: Yang, Kailkhura, Wang, Liang, "Training Dynamics of Transformers to Recognize Word
 Co-occurrence via Gradient Flow Analysis", NeurIPS 2024.

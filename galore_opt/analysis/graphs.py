@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..param_groups import is_conv1d
+
 __all__ = [
     "BipartiteGraph",
     "drop_isolated",
@@ -151,7 +153,8 @@ def layer_graph(layer: nn.Module | Tensor, mask: Tensor | None = None, name: str
             if tuple(mask.shape) != tuple(w.shape):
                 raise ValueError(f"mask shape {tuple(mask.shape)} does not match weight shape {tuple(w.shape)}")
             w = w * mask.to(device=w.device, dtype=w.dtype)
-    unfolded = unfold_weight(w)
+    # a transformers Conv1D (GPT-2) stores its weight as (in, out): already the (left, right) layout
+    unfolded = w if isinstance(layer, nn.Module) and is_conv1d(layer) else unfold_weight(w)
     weights = unfolded.abs().float().contiguous()
     return BipartiteGraph((weights != 0).float(), weights, name, tuple(w.shape))
 
@@ -160,9 +163,14 @@ def prunable_modules(
     model: nn.Module, types: tuple[type[nn.Module], ...] = GRAPH_MODULE_TYPES, exclude: tuple[str, ...] = ()
 ) -> dict[str, nn.Module]:
     """``{name: module}`` of the model's Linear/Conv2d modules (or ``types``), in registration
-    order, leaving out those whose name contains a string of ``exclude``."""
+    order, leaving out those whose name contains a string of ``exclude``. With ``nn.Linear`` in
+    ``types``, ``transformers`` ``Conv1D`` layers (GPT-2's linear layers, weight stored transposed)
+    are included too."""
+    conv1d = nn.Linear in types
     return {
-        name: m for name, m in model.named_modules() if isinstance(m, types) and not any(e in name for e in exclude)
+        name: m
+        for name, m in model.named_modules()
+        if (isinstance(m, types) or (conv1d and is_conv1d(m))) and not any(e in name for e in exclude)
     }
 
 

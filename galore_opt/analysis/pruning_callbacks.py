@@ -16,6 +16,8 @@ All follow :class:`galore_opt.analysis.callbacks.AnalysisCallback`: run them in 
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -26,7 +28,7 @@ from .callbacks import AnalysisCallback
 from .galore_diagnostics import GaLoreDiagnostics, unwrap_optimizer
 from .pruning import MaskKeeper
 from .ramanujan import CONVENTIONS, model_scores
-from .sparsity import ACTIVATION_TYPES, ActivationSparsity, weight_sparsity
+from .sparsity import ActivationSparsity, activation_modules, weight_sparsity
 
 __all__ = ["GaLoreDiagnosticsCallback", "MaskKeeperCallback", "RamanujanCallback", "SparsityCallback"]
 
@@ -95,8 +97,9 @@ class SparsityCallback(AnalysisCallback):
         every (int): run every ``every`` steps. Default 100.
         probe (optional): a fixed batch for activation sparsity.
         forward (callable, optional): ``forward(model, batch)``, overriding the default call.
-        types: activation module types hooked. Default
-            :data:`galore_opt.analysis.sparsity.ACTIVATION_TYPES`.
+        types: activation module types hooked. Default (``None``):
+            :data:`galore_opt.analysis.sparsity.ACTIVATION_TYPES` and the ``transformers.activations``
+            modules (``SiLUActivation``, ``GELUActivation``, ``NewGELUActivation``, ...).
         threshold (float): ``|a| <= threshold`` counts as zero. Default 0.
         at_start (bool): also run at step 0. Default True.
     """
@@ -108,17 +111,27 @@ class SparsityCallback(AnalysisCallback):
         every: int = 100,
         probe: Any = None,
         forward: Callable[[nn.Module, Any], Any] | None = None,
-        types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES,
+        types: tuple[type[nn.Module], ...] | None = None,
         threshold: float = 0.0,
         at_start: bool = True,
     ) -> None:
         super().__init__(every, at_start)
         self.probe, self.forward, self.types, self.threshold = probe, forward or _forward, types, threshold
+        self._warned = False
 
     def compute(self, model: nn.Module, optimizer: Any = None, batch: Any = None) -> dict[str, Any]:
         out: dict[str, Any] = {"weight": weight_sparsity(model)}
         batch = self.probe if self.probe is not None else batch
-        if batch is not None and any(isinstance(m, self.types) for m in model.modules()):
+        if batch is not None and not activation_modules(model, self.types):
+            if not self._warned:
+                self._warned = True
+                warnings.warn(
+                    f"SparsityCallback: {type(model).__name__} has no activation module of the hooked types "
+                    "(activations called as functions cannot be hooked): activation sparsity is not measured; "
+                    "pass types= with the model's activation classes",
+                    stacklevel=2,
+                )
+        elif batch is not None:
             was_training = model.training
             model.eval()
             try:
@@ -134,17 +147,24 @@ class GaLoreDiagnosticsCallback(AnalysisCallback):
     """GaLore's captured energy and basis drift (see
     :class:`galore_opt.analysis.galore_diagnostics.GaLoreDiagnostics`).
 
-    The tracker is created, and attached to the optimizer as a step post-hook, the first time the
-    callback sees an optimizer, so it records every step from then on; each scheduled run reports
-    the summary (``overall`` and, with ``per_matrix``, every matrix) and keeps the latest
-    plain-language :attr:`suggestions`.
+    The tracker is created, and attached to the optimizer, the first time the callback sees an
+    optimizer, so it records every step from then on (also in layer-wise mode, where it observes
+    each parameter right after its update inside ``backward``); each scheduled run reports the
+    summary (``overall`` and, with ``per_matrix``, every matrix; a metric that is not defined yet,
+    such as the drift before a second refresh, is left out rather than reported as NaN) and keeps
+    the latest plain-language :attr:`suggestions` (one line per rule, see
+    :meth:`~galore_opt.analysis.galore_diagnostics.GaLoreDiagnostics.grouped_suggestions`).
 
     Args:
         every (int): report every ``every`` steps. Default 100.
         per_matrix (bool): report every matrix, not only the means. Default False.
-        print_suggestions (bool): print new suggestions when they appear. Default False.
+        print_suggestions (bool): print a suggestion when it first appears (a rule firing for a
+            new set of matrices), not again at every report. Default False.
         diagnostics_kwargs: passed to :class:`GaLoreDiagnostics` (thresholds, ``with_optimal``).
         at_start (bool): run at step 0 (attaches the tracker early). Default True.
+
+    A report after optimizer steps in which nothing could be observed (no GaLore matrix, or no
+    gradient reaching the tracker) warns once instead of reporting nothing silently.
     """
 
     name = "galore"
@@ -162,23 +182,41 @@ class GaLoreDiagnosticsCallback(AnalysisCallback):
         self.kwargs = diagnostics_kwargs
         self.diagnostics: GaLoreDiagnostics | None = None
         self.suggestions: list[str] = []
+        self._printed: set[tuple[str, tuple[str, ...]]] = set()
+        self._warned = False
 
     def compute(self, model: nn.Module, optimizer: Any = None, batch: Any = None) -> dict[str, Any]:
         if self.diagnostics is None:
             if optimizer is None:
                 return {}
             self.diagnostics = GaLoreDiagnostics(unwrap_optimizer(optimizer), model, **self.kwargs).attach()
+            if not self.diagnostics.params:
+                warnings.warn("GaLoreDiagnosticsCallback: the optimizer has no GaLore group (no 'rank')", stacklevel=2)
+                self._warned = True
         summary = self.diagnostics.summary()
-        new = self.diagnostics.suggestions()
+        if not summary and self.diagnostics.steps_observed > 0 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"GaLoreDiagnosticsCallback: {self.diagnostics.steps_observed} optimizer steps and no GaLore "
+                "gradient observed (was the tracker attached to the optimizer that updates the model?)",
+                stacklevel=2,
+            )
+        findings = self.diagnostics.grouped_findings()
+        grouped = [line for _, _, line in findings]
         if self.print_suggestions:
-            for s in new:
-                if s not in self.suggestions:
-                    print(f"[galore diagnostics] {s}")
-        self.suggestions = new
-        out: dict[str, Any] = dict(summary.get("overall", {}))
-        out["suggestions"] = len(new)
+            for rule, names, line in findings:
+                # a rule's line changes with its numbers at every report: print it again only when
+                # it fires for another set of matrices
+                if (rule, names) not in self._printed:
+                    self._printed.add((rule, names))
+                    print(f"[galore diagnostics] {line}")
+        self.suggestions = grouped
+        out: dict[str, Any] = {k: v for k, v in summary.get("overall", {}).items() if not math.isnan(v)}
+        out["suggestions"] = len(grouped)
         if self.per_matrix:
-            out["matrices"] = {k: v for k, v in summary.items() if k != "overall"}
+            out["matrices"] = {
+                k: {m: x for m, x in v.items() if not math.isnan(x)} for k, v in summary.items() if k != "overall"
+            }
         return out
 
 

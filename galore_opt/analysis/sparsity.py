@@ -1,9 +1,11 @@
 """Sparsity probes: weight sparsity per layer and activation sparsity per layer.
 
-* :func:`weight_sparsity`: the fraction of exactly-zero entries of each Linear/Conv2d weight
-  (the effective weight under a ``torch.nn.utils.prune`` reparametrization), and overall.
+* :func:`weight_sparsity`: the fraction of exactly-zero entries of each Linear/Conv2d weight and
+  ``transformers`` ``Conv1D`` weight (GPT-2) (the effective weight under a ``torch.nn.utils.prune`` reparametrization), and overall.
 * :class:`ActivationSparsity`: forward hooks on the activation modules (ReLU-family, GELU, SiLU,
-  Tanh, ... or any modules you name) counting the fraction of outputs with ``|a| <= threshold``
+  Tanh, ..., the ``transformers.activations`` modules that Hugging Face models use, such as
+  ``SiLUActivation`` (LLaMA), ``GELUActivation`` (BERT), ``NewGELUActivation`` (GPT-2), or any
+  modules you name) counting the fraction of outputs with ``|a| <= threshold``
   (0 by default: exact zeros, which is what ReLU sparsity means). Counts accumulate over forwards
   until :meth:`~ActivationSparsity.reset`; the hooks come off with :meth:`~ActivationSparsity.remove`
   (or at the end of a ``with`` block).
@@ -21,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..param_groups import is_conv1d
 from .graphs import GRAPH_MODULE_TYPES, effective_weight, prunable_modules
 
-__all__ = ["ACTIVATION_TYPES", "ActivationSparsity", "activation_sparsity", "weight_sparsity"]
+__all__ = ["ACTIVATION_TYPES", "ActivationSparsity", "activation_modules", "activation_sparsity", "weight_sparsity"]
 
 #: module types hooked by default
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
@@ -40,12 +43,34 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Hardswish,
 )
 
+#: ``transformers.activations`` classes that compute no nonlinearity (not hooked)
+_HF_IDENTITY = ("LinearActivation",)
+
+
+def is_hf_activation(module: nn.Module) -> bool:
+    """A ``transformers.activations`` module (``SiLUActivation``, ``GELUActivation``,
+    ``NewGELUActivation``, ...): plain ``nn.Module`` subclasses, not ``nn.SiLU``/``nn.GELU``.
+    Recognised by their module of definition, so transformers is not imported."""
+    cls = type(module)
+    return cls.__module__.startswith("transformers.activations") and cls.__name__ not in _HF_IDENTITY
+
+
+def activation_modules(model: nn.Module, types: tuple[type[nn.Module], ...] | None = None) -> dict[str, nn.Module]:
+    """``{name: module}`` of the activation modules of ``model``: instances of ``types``, or with
+    ``types=None`` (the default) of :data:`ACTIVATION_TYPES` and every ``transformers.activations``
+    module."""
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if n and (isinstance(m, types) if types is not None else isinstance(m, ACTIVATION_TYPES) or is_hf_activation(m))
+    }
+
 
 @torch.no_grad()
 def weight_sparsity(
     model: nn.Module, masks: dict[str, Tensor] | None = None, exclude: tuple[str, ...] = ()
 ) -> dict[str, float]:
-    """Fraction of zero weights per Linear/Conv2d layer (keys are module names) and ``"overall"``.
+    """Fraction of zero weights per Linear/Conv2d/Conv1D layer (keys are module names) and ``"overall"``.
 
     Args:
         model (nn.Module): the model.
@@ -55,7 +80,11 @@ def weight_sparsity(
     masks = masks or {}
     out: dict[str, float] = {}
     zeros = total = 0
-    for name, m in prunable_modules(model, GRAPH_MODULE_TYPES, exclude).items():
+    mods = prunable_modules(model, GRAPH_MODULE_TYPES, exclude)
+    # transformers Conv1D (GPT-2's projections): a linear layer whatever prunable_modules selects
+    mods.update({n: m for n, m in model.named_modules() if is_conv1d(m) and not any(e in n for e in exclude)})
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    for name, m in sorted(mods.items(), key=lambda item: order[item[0]]):
         w = effective_weight(m, masks.get(name))
         z = w.numel() - int(w.count_nonzero())
         out[name] = z / w.numel()
@@ -72,7 +101,9 @@ class ActivationSparsity:
         model (nn.Module): the model.
         modules (iterable of str, optional): names of the modules whose outputs are counted;
             default every module of type ``types``.
-        types: module types hooked when ``modules`` is None. Default :data:`ACTIVATION_TYPES`.
+        types: module types hooked when ``modules`` is None. Default (``None``):
+            :data:`ACTIVATION_TYPES` and the ``transformers.activations`` modules (see
+            :func:`activation_modules`).
         threshold (float): an output ``a`` counts as zero when ``|a| <= threshold``. Default 0.
 
     Example::
@@ -86,7 +117,7 @@ class ActivationSparsity:
         self,
         model: nn.Module,
         modules: Iterable[str] | None = None,
-        types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES,
+        types: tuple[type[nn.Module], ...] | None = None,
         threshold: float = 0.0,
     ) -> None:
         if threshold < 0:
@@ -94,7 +125,7 @@ class ActivationSparsity:
         self.threshold = threshold
         named = dict(model.named_modules())
         if modules is None:
-            targets = {n: m for n, m in named.items() if isinstance(m, types) and n}
+            targets = activation_modules(model, types)
         else:
             modules = list(modules)
             missing = [n for n in modules if n not in named]
@@ -159,7 +190,7 @@ def activation_sparsity(
     inputs: Any,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     modules: Iterable[str] | None = None,
-    types: tuple[type[nn.Module], ...] = ACTIVATION_TYPES,
+    types: tuple[type[nn.Module], ...] | None = None,
     threshold: float = 0.0,
 ) -> dict[str, float]:
     """Activation sparsity of one forward pass on ``inputs`` (hooks installed and removed).

@@ -1,31 +1,57 @@
 """Hugging Face ``transformers.Trainer`` integration (transformers is imported lazily, on use).
 
-Two ways in, both reading the usual ``TrainingArguments``:
+Coming from the Trainer's built-in GaLore (``optim="galore_adamw"``, galore-torch): keep the
+``TrainingArguments`` and change ``Trainer`` to ``GaLoreTrainer``::
 
     from galore_opt.integrations.transformers import GaLoreTrainer
-    args = TrainingArguments(..., learning_rate=1e-3, weight_decay=0.01, adam_beta2=0.95,
+    args = TrainingArguments(..., optim="galore_adamw_8bit_layerwise", learning_rate=1e-3,
                              optim_target_modules=["attn", "mlp"],
                              optim_args="rank=128,update_proj_gap=200,scale=0.25")
-    trainer = GaLoreTrainer(model=model, args=args, train_dataset=ds, galore_optimizer="adamw8bit",
-                            layerwise=True)      # optimizer-in-backward, gradient accumulation too
+    trainer = GaLoreTrainer(model=model, args=args, train_dataset=ds)   # was: Trainer(...)
     trainer.train()                              # checkpoints hold the real optimizer state
 
-or build the optimizer yourself and hand it to a plain ``Trainer``::
+``args.optim`` chooses the optimizer for every Hugging Face GaLore name (:data:`HF_OPTIM_NAMES`:
+``galore_adamw``, ``galore_adamw_8bit``, ``galore_adafactor`` and their ``_layerwise`` variants);
+with the Trainer's default ``optim`` (``adamw_torch_fused`` / ``adamw_torch``) the
+``galore_optimizer=`` and ``layerwise=`` arguments choose (default ``"adamw"``, not layer-wise);
+any other ``optim`` is a ``ValueError``. Or build the optimizer yourself and hand it to a plain
+``Trainer``::
 
-    optimizer = galore_optimizer(model, args, "adamw")
+    optimizer = galore_optimizer(model, args)    # reads args.optim as above
     trainer = Trainer(model=model, args=args, optimizers=(optimizer, None), ...)
 
-What is honoured, unlike the Trainer's built-in ``galore_*`` optims: ``learning_rate``,
-``weight_decay`` (GaLore weights and other matrices decay; biases and norms do not),
-``adam_beta1``, ``adam_beta2``, ``adam_epsilon``; ``optim_target_modules`` with the Trainer's
-meaning (a list of name fragments or regexes, or ``"all-linear"``); ``optim_args`` keys ``rank``,
+Semantics, name by name, against the Trainer's built-in path (``transformers`` 5.x):
+
+* ``galore_adamw``: ``GaLoreAdamW``; eps 1e-6 (galore-torch's default, which the Trainer uses: it
+  does not pass ``adam_epsilon``) unless ``adam_epsilon`` is changed from its default 1e-8.
+* ``galore_adamw_8bit``: ``GaLoreAdamW8bit``; eps 1e-8 (bitsandbytes' default, the Trainer's).
+* ``galore_adafactor``: ``GaLoreAdafactor`` with the Trainer's flags ``scale_parameter=False,
+  relative_step=False`` and ``lr=learning_rate``, which are Hugging Face's Adafactor
+  (``numerics="galore_torch"``; torch's Adafactor rule has no external learning rate:
+  ``optim_args="numerics=torch"`` selects it, with ``learning_rate`` capping its relative step).
+* ``*_layerwise``: the same optimizer in :class:`~galore_opt.layerwise.LayerwiseOptimizer`. The
+  Trainer refuses gradient accumulation there; we accumulate the projected gradient. (The Trainer's
+  ``galore_adafactor_layerwise`` omits the Adafactor flags and so raises on any ``learning_rate``;
+  ours uses the same flags as ``galore_adafactor``.)
+
+What we honour that the Trainer's GaLore ignores: ``weight_decay`` (GaLore weights and other
+matrices decay; biases and norms do not; the Trainer passes none, so galore-torch's defaults
+apply: 0 for AdamW and Adafactor, 0.01 on every parameter for the 8-bit AdamW), ``adam_beta1``,
+``adam_beta2`` (their defaults are galore-torch's). ``optim_target_modules`` has the Trainer's
+meaning (a list of name fragments or regexes, a regex string, or ``"all-linear"``: every
+``nn.Linear``, heads included; see :func:`~galore_opt.galore_param_groups`), plus ``transformers``
+``Conv1D`` layers (GPT-2), which the Trainer's GaLore cannot select. ``optim_args`` keys ``rank``,
 ``update_proj_gap``, ``scale``, ``proj_type`` (galore-torch's) and ``proj_method``,
-``power_iters``, ``numerics`` (ours), typed. Layer-wise mode works with
-``gradient_accumulation_steps`` (the projected gradient is accumulated), clips with
-``max_grad_norm`` by the previous step's global norm (the Trainer's own clipping sees no
-gradients in layer-wise mode, so it is turned off), logs the true global ``grad_norm``, and saves
-the full optimizer state in checkpoints; every checkpoint loads with ``torch.load``'s default
-``weights_only=True`` and resumes exactly.
+``power_iters``, ``numerics`` (ours), typed and validated.
+
+Layer-wise mode works with ``gradient_accumulation_steps``, clips with ``max_grad_norm`` by the
+previous update's global norm (the Trainer's own clipping sees no gradients in layer-wise mode, so
+it is turned off on the trainer's copy of the arguments, never on the caller's; a warning says that
+this clipping is not the regular run's) and saves the full optimizer state in checkpoints. The
+logged ``grad_norm`` is the true global gradient norm without accumulation; with accumulation a
+GaLore matrix accumulates only its projection, so the norm of what the optimizer applied is logged
+as ``grad_norm_projected`` instead (it is lower than the full gradient's norm). Every checkpoint
+loads with ``torch.load``'s default ``weights_only=True`` and resumes exactly.
 
 Layer-wise mode in the Trainer is single-process; with several processes it raises (in your own
 loop, ``LayerwiseOptimizer.register_ddp`` runs the updates from DDP's communication hook, after the
@@ -34,6 +60,8 @@ gradients are averaged). The non-layer-wise optimizers work under DDP (see ``doc
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -42,9 +70,9 @@ from ..layerwise import LayerwiseOptimizer
 from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from ..param_groups import galore_param_groups
 
-__all__ = ["GaLoreTrainer", "OPTIMIZERS", "galore_optimizer", "parse_optim_args"]  # noqa: F822 (module __getattr__)
+__all__ = ["GaLoreTrainer", "HF_OPTIM_NAMES", "OPTIMIZERS", "galore_optimizer", "parse_optim_args", "resolve_optim"]  # noqa: F822 (module __getattr__)
 
-#: ``galore_optimizer`` names (the Trainer's ``galore_adamw`` style names are accepted too)
+#: ``galore_optimizer`` names
 OPTIMIZERS = {
     "adamw": GaLoreAdamW,
     "adamw8bit": GaLoreAdamW8bit,
@@ -56,6 +84,20 @@ _ALIASES = {
     "galore_adafactor": "adafactor",
     "adamw_8bit": "adamw8bit",
 }
+#: Hugging Face ``TrainingArguments.optim`` GaLore names -> (our optimizer, layer-wise)
+HF_OPTIM_NAMES = {
+    "galore_adamw": ("adamw", False),
+    "galore_adamw_8bit": ("adamw8bit", False),
+    "galore_adafactor": ("adafactor", False),
+    "galore_adamw_layerwise": ("adamw", True),
+    "galore_adamw_8bit_layerwise": ("adamw8bit", True),
+    "galore_adafactor_layerwise": ("adafactor", True),
+}
+#: ``TrainingArguments.optim`` values that mean "not chosen" (the defaults of transformers 4.x / 5.x)
+_DEFAULT_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_hf")
+#: eps of the Trainer's built-in GaLore (galore-torch's defaults; the Trainer passes no eps)
+_HF_EPS = {"adamw": 1e-6, "adamw8bit": 1e-8}
+_TRAINER_DEFAULT_EPS = 1e-8
 #: typed ``optim_args`` keys
 OPTIM_ARG_TYPES = {
     "rank": int,
@@ -69,9 +111,22 @@ OPTIM_ARG_TYPES = {
 _OPTIMIZER_KEYS = ("numerics",)  # constructor arguments rather than group keys
 
 
+def _to_int(value: Any) -> int:
+    """``64``, ``"64"``, ``"1e3"``, ``"200.0"`` -> int; ``"64.7"`` (not integral) raises."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    number = float(value)
+    if not math.isfinite(number) or number != int(number):
+        raise ValueError
+    return int(number)
+
+
 def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
     """``"rank=128,update_proj_gap=200,scale=0.25,proj_type=std"`` -> typed dict.
 
+    Integers may be written ``1e3`` or ``200.0``; a non-integral value (``rank=64.7``) is refused.
     Raises ``ValueError`` naming an unknown key or a value of the wrong type."""
     if optim_args is None or optim_args == "":
         return {}
@@ -93,8 +148,8 @@ def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"unknown optim_args key {key!r}: allowed {sorted(OPTIM_ARG_TYPES)}")
         kind = OPTIM_ARG_TYPES[key]
         try:
-            out[key] = kind(value) if not (kind is int and isinstance(value, str) and "." in value) else int(float(value))
-        except (TypeError, ValueError):
+            out[key] = _to_int(value) if kind is int else kind(value)
+        except (TypeError, ValueError, OverflowError):
             raise ValueError(f"optim_args {key}={value!r} is not a valid {kind.__name__}") from None
     return out
 
@@ -106,12 +161,49 @@ def _resolve_name(name: str) -> str:
     return key
 
 
+def _optim_value(args: Any) -> str | None:
+    optim = getattr(args, "optim", None)
+    if optim is None:
+        return None
+    return str(getattr(optim, "value", optim)).lower()
+
+
+def resolve_optim(args: Any, optimizer: str | None = None, layerwise: bool | None = None) -> tuple[str, bool, bool]:
+    """``(optimizer key, layer-wise, from_hf_name)`` from ``args.optim`` and explicit choices.
+
+    ``args.optim`` set to a Hugging Face GaLore name decides; an explicit ``optimizer`` or
+    ``layerwise`` that contradicts it is a ``ValueError``. With the Trainer's default ``optim`` the
+    explicit choices (default ``"adamw"``, not layer-wise) decide. Any other ``optim`` is a
+    ``ValueError`` (galore-opt builds GaLore optimizers only)."""
+    optim = _optim_value(args)
+    if optim in HF_OPTIM_NAMES:
+        key, lw = HF_OPTIM_NAMES[optim]
+        if optimizer is not None and _resolve_name(optimizer) != key:
+            raise ValueError(
+                f"galore_optimizer={optimizer!r} contradicts TrainingArguments.optim={optim!r} (which means "
+                f"{key!r}): set one of them"
+            )
+        if layerwise is not None and bool(layerwise) != lw:
+            raise ValueError(
+                f"layerwise={layerwise!r} contradicts TrainingArguments.optim={optim!r}: "
+                f"{'drop' if lw else 'add'} the '_layerwise' suffix or leave layerwise unset"
+            )
+        return key, lw, True
+    if optim is not None and optim not in _DEFAULT_OPTIMS:
+        raise ValueError(
+            f"TrainingArguments.optim={optim!r} is not a GaLore optimizer: use one of {sorted(HF_OPTIM_NAMES)}, "
+            f"or leave optim at its default and pass galore_optimizer= (one of {sorted(OPTIMIZERS)}); "
+            "for a non-GaLore optimizer use a plain Trainer"
+        )
+    return _resolve_name(optimizer or "adamw"), bool(layerwise), False
+
+
 def galore_optimizer(
     model: torch.nn.Module,
     args: Any,
-    optimizer: str = "adamw",
+    optimizer: str | None = None,
     *,
-    layerwise: bool = False,
+    layerwise: bool | None = None,
     target_modules: Any = None,
     max_grad_norm: float | None = None,
     **overrides: Any,
@@ -121,23 +213,29 @@ def galore_optimizer(
     Args:
         model: the (unwrapped) model.
         args: ``transformers.TrainingArguments`` (or any object with its attribute names).
-        optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"adafactor"`` (or the Trainer's names
-            ``galore_adamw``, ``galore_adamw_8bit``, ``galore_adafactor``).
+        optimizer: ``"adamw"``, ``"adamw8bit"`` or ``"adafactor"`` (or ``galore_adamw``,
+            ``galore_adamw_8bit``, ``galore_adafactor``). Default: from ``args.optim`` when it is
+            one of :data:`HF_OPTIM_NAMES`, else ``"adamw"`` (see :func:`resolve_optim`).
         layerwise: wrap in :class:`~galore_opt.layerwise.LayerwiseOptimizer` with
             ``accumulation_steps = args.gradient_accumulation_steps`` and clipping by the previous
-            global norm at ``args.max_grad_norm`` (if > 0).
-        target_modules: overrides ``args.optim_target_modules`` (default ``"all-linear"`` when
-            both are unset).
+            global norm at ``args.max_grad_norm`` (if > 0). Default: from ``args.optim``'s
+            ``_layerwise`` suffix, else False.
+        target_modules: overrides ``args.optim_target_modules``; when both are unset, every linear
+            layer but the output head (:func:`~galore_opt.galore_param_groups`' default; the
+            Trainer's own GaLore requires ``optim_target_modules``).
         max_grad_norm: overrides ``args.max_grad_norm`` (layer-wise clipping threshold).
-        overrides: group keys or optimizer arguments that win over ``args`` (e.g. ``rank=64``).
+        overrides: group keys or optimizer arguments that win over ``args`` (e.g. ``rank=64``,
+            ``eps=1e-7``).
+
+    eps: ``adam_epsilon`` when it differs from the Trainer's default 1e-8; otherwise the Trainer's
+    built-in GaLore value when ``args.optim`` is a GaLore name or ``numerics="galore_torch"``
+    (1e-6 for AdamW, 1e-8 for 8-bit AdamW: galore-torch's defaults), else 1e-8.
     """
-    key = _resolve_name(optimizer)
+    key, layerwise, from_hf = resolve_optim(args, optimizer, layerwise)
     opt_args = parse_optim_args(getattr(args, "optim_args", None))
     opt_args.update({k: v for k, v in overrides.items() if k in OPTIM_ARG_TYPES})
     extra = {k: v for k, v in overrides.items() if k not in OPTIM_ARG_TYPES}
     targets = target_modules if target_modules is not None else getattr(args, "optim_target_modules", None)
-    if targets is None:
-        targets = "all-linear"
     ctor = {k: opt_args.pop(k) for k in _OPTIMIZER_KEYS if k in opt_args}
     groups = galore_param_groups(
         model,
@@ -148,12 +246,20 @@ def galore_optimizer(
     lr = float(getattr(args, "learning_rate", 1e-3))
     cls = OPTIMIZERS[key]
     if key == "adafactor":
-        kwargs: dict[str, Any] = {"lr": lr, **ctor, **extra}
+        ctor.setdefault("numerics", "galore_torch")
+        kwargs: dict[str, Any] = {"lr": lr, **ctor}
+        if ctor["numerics"] == "galore_torch":
+            # the Trainer's galore_adafactor: Hugging Face's Adafactor with an external learning rate
+            kwargs.update(scale_parameter=False, relative_step=False, warmup_init=False)
+        kwargs.update(extra)
     else:
+        adam_eps = float(getattr(args, "adam_epsilon", _TRAINER_DEFAULT_EPS))
+        if adam_eps == _TRAINER_DEFAULT_EPS and (from_hf or ctor.get("numerics") == "galore_torch"):
+            adam_eps = _HF_EPS[key]
         kwargs = {
             "lr": lr,
             "betas": (float(getattr(args, "adam_beta1", 0.9)), float(getattr(args, "adam_beta2", 0.999))),
-            "eps": float(getattr(args, "adam_epsilon", 1e-8)),
+            "eps": adam_eps,
             **ctor,
             **extra,
         }
@@ -168,18 +274,31 @@ def galore_optimizer(
             "layerwise=False, or LayerwiseOptimizer.register_ddp(ddp_model) in your own loop"
         )
     max_norm = float((max_grad_norm if max_grad_norm is not None else getattr(args, "max_grad_norm", 0.0)) or 0.0)
+    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if max_norm > 0:
+        warnings.warn(
+            f"layer-wise mode clips with max_grad_norm={max_norm:g} by the previous update's global gradient "
+            "norm (the current one is not known until backward ends)"
+            + (", which with gradient accumulation is the norm of the projected gradients" if accumulation > 1 else "")
+            + ": the updates differ from a regular run's clipping; set max_grad_norm=0 to turn clipping off",
+            stacklevel=2,
+        )
     return LayerwiseOptimizer(
         opt,
-        accumulation_steps=int(getattr(args, "gradient_accumulation_steps", 1) or 1),
+        accumulation_steps=accumulation,
         max_grad_norm=max_norm if max_norm > 0 else None,
     )
 
 
 _TRAINER_DOC = """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
 
-Extra keyword arguments: ``galore_optimizer`` (``"adamw"``, ``"adamw8bit"``, ``"adafactor"``;
-default ``"adamw"``), ``layerwise`` (default False) and ``galore_kwargs`` (dict of overrides
-for :func:`galore_optimizer`). Everything else is the Trainer's.
+``args.optim`` set to a Hugging Face GaLore name (``galore_adamw``, ``galore_adamw_8bit``,
+``galore_adafactor`` and their ``_layerwise`` variants) chooses the optimizer with that name's
+semantics (see the module docstring); with the default ``optim`` the extra keyword arguments
+``galore_optimizer`` (``"adamw"``, ``"adamw8bit"``, ``"adafactor"``; default ``"adamw"``) and
+``layerwise`` (default False) choose. ``galore_kwargs``: dict of overrides for
+:func:`galore_optimizer`. Everything else is the Trainer's. The caller's ``args`` are never
+modified (layer-wise mode turns the Trainer's clipping off on a copy).
 """
 
 
@@ -194,19 +313,29 @@ def __getattr__(name: str) -> Any:
 
 
 def _make_trainer_class():
+    import copy
+
     from transformers import Trainer
 
     class GaLoreTrainer(Trainer):
         __doc__ = _TRAINER_DOC
 
-        def __init__(self, *args, galore_optimizer: str = "adamw", layerwise: bool = False,
+        def __init__(self, *args, galore_optimizer: str | None = None, layerwise: bool | None = None,
                      galore_kwargs: dict[str, Any] | None = None, **kwargs):  # fmt: skip
-            self.galore_optimizer_name = _resolve_name(galore_optimizer)
-            self.galore_layerwise = layerwise
+            # the trainer gets its own copy of the arguments: layer-wise mode changes max_grad_norm
+            if len(args) >= 2 and args[1] is not None:
+                args = (args[0], copy.copy(args[1]), *args[2:])
+            elif kwargs.get("args") is not None:
+                kwargs["args"] = copy.copy(kwargs["args"])
+            given = args[1] if len(args) >= 2 else kwargs.get("args")
+            if given is not None:
+                resolve_optim(given, galore_optimizer, layerwise)  # refuse a wrong optim before any set-up
             self.galore_kwargs = dict(galore_kwargs or {})
             super().__init__(*args, **kwargs)
+            name, lw, _ = resolve_optim(self.args, galore_optimizer, layerwise)
+            self.galore_optimizer_name, self.galore_layerwise = name, lw
             self._galore_max_grad_norm = self.args.max_grad_norm
-            if layerwise:
+            if lw:
                 # Clipping happens inside backward (LayerwiseOptimizer); the Trainer's own clipping
                 # would see no gradients and log a norm of 0.
                 self.args.max_grad_norm = 0.0
@@ -222,10 +351,14 @@ def _make_trainer_class():
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self.galore_layerwise and "loss" in logs:
+                # the Trainer's own grad_norm reads .grad after backward, when layer-wise updates
+                # have freed the gradients: 0 or a partial norm, never logged
+                logs.pop("grad_norm", None)
                 inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper
                 norm = getattr(inner, "grad_norm", None)
                 if norm is not None:
-                    logs["grad_norm"] = float(norm)
+                    exact = getattr(inner, "accumulation_steps", 1) == 1
+                    logs["grad_norm" if exact else "grad_norm_projected"] = float(norm)
             super().log(logs, *args, **kwargs)
 
     return GaLoreTrainer

@@ -21,6 +21,22 @@ from ..projector import choose_side, compute_basis, project, refresh_seed
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
+_INTERNAL_DIRS = (
+    __file__.rsplit("/optim/", 1)[0] + "/",  # galore_opt/
+    torch.optim.__file__.rsplit("/", 1)[0] + "/",  # torch/optim/
+)
+
+
+def _user_stacklevel() -> int:
+    """``stacklevel`` for ``warnings.warn`` called here that points at the first frame outside
+    galore_opt and torch.optim (the user's constructor call or ``add_param_group``)."""
+    import sys
+
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
 
 def _select(ok: Tensor, new: Tensor, prev: Tensor) -> Tensor:
     """``new`` where ``ok`` (a 0-dim device bool), else ``prev``: elementwise, so when both share a
@@ -41,11 +57,30 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     #: the CPU) instead of casting them to the parameter's dtype
     _dtype_kept_keys: tuple[str, ...] = (*C.DTYPE_PRESERVED_KEYS, C.REFRESH_OFFSET)
 
+    def __new__(cls, *args: Any, **kwargs: Any):
+        # GaLore keys given to the constructor would be a bare "unexpected keyword argument"
+        misplaced = sorted(k for k in kwargs if k in C.GALORE_DEFAULTS or k in C.EXTRA_DEFAULTS)
+        if misplaced:
+            key = misplaced[0]
+            raise TypeError(
+                f"{cls.__name__}() got {', '.join(f'{k}=' for k in misplaced)}: GaLore keys are param-group keys, "
+                f"not optimizer arguments; use galore_param_groups(model, {key}=...) or a group "
+                f"{{'params': [...], '{key}': ...}}"
+            )
+        return super().__new__(cls)
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         if defaults.get("numerics") not in C.NUMERICS:
             raise ValueError(f"Invalid numerics: {defaults.get('numerics')!r} - must be one of {C.NUMERICS}")
         self._warned_full_rank: set[tuple[int, ...]] = set()
         super().__init__(params, defaults)
+        if not any("rank" in g for g in self.param_groups):
+            warnings.warn(
+                f"{type(self).__name__}: no param group has a 'rank' key, so nothing is projected and every "
+                "parameter gets the plain (full-rank) update; build the groups with "
+                "galore_opt.galore_param_groups(model, ...) or add 'rank' to the groups to project",
+                stacklevel=_user_stacklevel(),
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Unpickling, ``copy.deepcopy`` and ``load_state_dict`` all come here.
@@ -112,10 +147,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 key = (group["rank"], m, n)
                 if key not in self._warned_full_rank:
                     self._warned_full_rank.add(key)
+                    names = group.get("param_names")
+                    index = next(i for i, q in enumerate(group["params"]) if q is p)
+                    what = repr(names[index]) if names else f"parameter {index} of its group"
                     warnings.warn(
-                        f"rank={group['rank']} >= min{(m, n)}: a projection would save nothing, so this "
-                        "parameter is updated in full (AdamW update times scale, no SVD)",
-                        stacklevel=3,
+                        f"rank={group['rank']} >= min{(m, n)} for {what} (shape {tuple(p.shape)}): a projection "
+                        "would save nothing, so it is updated in full (the full update times scale, no SVD); "
+                        "leave it out of the GaLore group to drop the scale",
+                        stacklevel=_user_stacklevel(),
                     )
 
     # --- iteration and state -----------------------------------------------------------------
