@@ -132,11 +132,13 @@ def _left_svd(a: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 def overflow_scale(max_abs: Tensor) -> Tensor:
     """A power of two ``s <= 1`` (an fp32 0-dim tensor on ``max_abs``'s device, computed there:
-    no host sync) with ``s * max_abs < 1`` (< 4 past 2^126): multiplying the skinny factor of each product with a
-    gradient of that max-abs by ``s`` bounds the product by the matrix sizes, so a huge but
-    finite gradient cannot overflow (``G G^T P`` does from max-abs ~1e19 in fp32). A power of
-    two scales exactly, and ``s = 1`` whenever ``max_abs < 1``: ordinary gradients compute exactly
-    as without it. A non-finite ``max_abs`` gives 1."""
+    no host sync) with ``s * max_abs < 1`` (< 4 past 2^126).
+
+    Multiplying the skinny factor of each product with a gradient of that max-abs by ``s`` bounds
+    the product by the matrix sizes, so a huge but finite gradient cannot overflow (``G G^T P``
+    does from max-abs ~1e19 in fp32). A power of two scales exactly, and ``s = 1`` whenever
+    ``max_abs < 1``: ordinary gradients compute exactly as without it. A non-finite ``max_abs``
+    gives 1."""
     exponent = torch.frexp(max_abs.float()).exponent.clamp(0, 126)  # max_abs < 2**exponent
     return ((127 - exponent) << 23).to(torch.int32).view(torch.float32)  # 2**-exponent, by its bits
 
@@ -208,8 +210,9 @@ def compute_basis(
             ``"randomized"`` products. ``"svd"`` needs none (LAPACK scales its input itself).
 
     No value is read on the host: a CUDA refresh does not synchronize the device (a failed
-    factorization raises where the backend checks its result, e.g. on the CPU). A failed SVD (ill-conditioned input, GaLore issue #58) falls back to the randomized method,
-    and that to a random orthonormal basis; the result is always orthonormal and finite.
+    factorization raises where the backend checks its result, e.g. on the CPU). A failed SVD
+    (ill-conditioned input, GaLore issue #58) falls back to the randomized method, and that to a
+    random orthonormal basis; for a finite gradient the result is orthonormal and finite.
     """
     if side not in (LEFT, RIGHT, FULL):
         raise ValueError(f"compute_basis needs side 'left', 'right' or 'full', got {side!r}")
