@@ -34,8 +34,12 @@ from galore_opt.testing.dispatch import OpRecorder  # noqa: E402
 OPTIMIZERS = {
     "torch-adamw-foreach": lambda g: torch.optim.AdamW([{"params": q["params"]} for q in g], lr=1e-3, foreach=True),
     "torch-adamw-single": lambda g: torch.optim.AdamW([{"params": q["params"]} for q in g], lr=1e-3, foreach=False),
+    "galore-adamw-permatrix": lambda g: GaLoreAdamW(g, lr=1e-3, foreach=False),
     "galore-adamw": lambda g: GaLoreAdamW(g, lr=1e-3),
+    "galore-adamw-grouped-all": lambda g: GaLoreAdamW(g, lr=1e-3, foreach=True),
+    "galore-adamw8bit-permatrix": lambda g: GaLoreAdamW8bit(g, lr=1e-3, foreach=False),
     "galore-adamw8bit": lambda g: GaLoreAdamW8bit(g, lr=1e-3),
+    "galore-adamw8bit-all8bit-permatrix": lambda g: GaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=0, foreach=False),
     "galore-adamw8bit-all8bit": lambda g: GaLoreAdamW8bit(g, lr=1e-3, min_8bit_size=0),
     "galore-adafactor": lambda g: GaLoreAdafactor(g, lr=1e-3),
 }

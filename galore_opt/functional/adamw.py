@@ -178,3 +178,123 @@ def galore_adamw_update(
     param.add_(update.to(param.dtype), alpha=-step_size)
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)
+
+
+# --- grouped (multi-tensor) paths ------------------------------------------------------------------
+
+#: the grouped GaLore update stacks the weights (and gradients) of at most this many elements at a
+#: time: the stacked copies are its only full-size temporaries (64 MiB each in fp32), whatever the
+#: number of matrices in a shape group
+GROUP_CHUNK = 1 << 24
+
+
+def multi_tensor_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> None:
+    """:func:`adamw_update` (torch numerics) of many full-size parameters at once, through
+    PyTorch's own foreach AdamW (``torch.optim.adamw.adamw(foreach=True)``): a handful of
+    ``torch._foreach_*`` operators for the whole list. Its ops are the single-tensor path's, list
+    by list, so the result is :func:`adamw_update`'s bit for bit (on the CPU each foreach operator
+    runs the single-tensor kernel per tensor). ``steps``: fp32 CPU step tensors, incremented."""
+    if not params:
+        return
+    from torch.optim.adamw import adamw as torch_adamw
+
+    torch_adamw(
+        params, grads, exp_avgs, exp_avg_sqs, [], steps,
+        foreach=True, capturable=False, differentiable=False, fused=None,
+        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
+    )  # fmt: skip
+
+
+def grouped_galore_adamw_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    bases: list[Tensor],
+    side: str,
+    *,
+    step: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    scale: float,
+    chunk: int = GROUP_CHUNK,
+) -> None:
+    """:func:`galore_adamw_update` (torch numerics, one side projected) of a *shape group*: 2-D
+    parameters of one shape, dtype and device, their gradients (one dtype), bases (one shape and
+    dtype, all ``side``: ``"left"`` or ``"right"``) and low-rank moments (one dtype), all at the
+    same ``step`` (the count after incrementing; ``steps`` are incremented here).
+
+    The matrices' products run as batched GEMMs over stacked operands: one ``bmm`` projects every
+    gradient, one ``baddbmm_`` (``W <- W + alpha P N`` per matrix, into a stacked copy of the
+    weights copied back with one ``_foreach_copy_``) applies every update; the low-rank Adam
+    arithmetic is ``torch._foreach_*`` over the moments. Stacking is done ``chunk`` weight
+    elements at a time (the stacked weights and gradients are the only full-size temporaries).
+
+    Numerics: the elementwise operators are the reference's, tensor by tensor. ``bmm`` and
+    ``baddbmm_`` on the CPU run the same GEMM per matrix as ``mm`` / ``addmm_`` for most shapes
+    (bit for bit), but take another kernel for tiny products (``m n r < 400``: a plain loop) and
+    may for large ones (oneDNN): those results differ from the per-matrix path by the
+    reassociation of one GEMM's sums (see ``tests/test_grouped.py`` for the bound it checks).
+    """
+    if not params:
+        return
+    torch._foreach_add_(steps, 1)
+    left = side == "left"
+    m, n = params[0].shape
+    per = max(1, chunk // max(1, m * n))
+    basis_dtype, grad_dtype = bases[0].dtype, grads[0].dtype
+    compute_dtype = grad_dtype if basis_dtype == grad_dtype else torch.float32
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    alpha = -lr * scale / bias_correction1
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    for start in range(0, len(params), per):
+        sl = slice(start, start + per)
+        ps, exp_avg, exp_avg_sq = params[sl], exp_avgs[sl], exp_avg_sqs[sl]
+        basis = torch.stack(bases[sl])
+        if basis.dtype != compute_dtype:
+            basis = basis.to(compute_dtype)
+        grad = torch.stack(grads[sl])
+        if grad.dtype != compute_dtype:
+            grad = grad.to(compute_dtype)
+        low = torch.bmm(basis.transpose(1, 2), grad) if left else torch.bmm(grad, basis.transpose(1, 2))
+        del grad
+        if low.dtype != exp_avg[0].dtype:
+            low = low.to(exp_avg[0].dtype)
+        lows = low.unbind(0)
+        torch._foreach_lerp_(exp_avg, lows, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_addcmul_(exp_avg_sq, lows, lows, value=1 - beta2)
+        del low, lows
+        denom = torch._foreach_sqrt(exp_avg_sq)
+        torch._foreach_div_(denom, bias_correction2**0.5)
+        torch._foreach_add_(denom, eps)
+        norm = torch.stack(torch._foreach_div(exp_avg, denom))
+        del denom
+        if norm.dtype != compute_dtype:
+            norm = norm.to(compute_dtype)
+        a, b = (basis, norm) if left else (norm, basis)
+        if compute_dtype == ps[0].dtype:  # one GEMM accumulating into the (stacked) weights
+            weight = torch.stack(ps)
+            weight.baddbmm_(a, b, alpha=alpha)
+            torch._foreach_copy_(ps, weight.unbind(0))
+        else:
+            update = torch.bmm(a, b).to(ps[0].dtype)
+            torch._foreach_add_(ps, update.unbind(0), alpha=alpha)

@@ -275,9 +275,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if C.BASIS_LEFT not in state and C.BASIS_RIGHT not in state:
             return True  # cold start
         step = int(state[C.STEP].item())
-        gap = group["update_proj_gap"]
         offset = int(state[C.REFRESH_OFFSET].item()) if C.REFRESH_OFFSET in state else 0
-        return step >= gap and (step - offset) % gap == 0
+        return _warm_refresh_due(step, offset, group["update_proj_gap"])
 
     def _refresh_if_due(self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str) -> int | None:
         """Before the update: recompute the basis of ``p`` from its 2-D gradient when the schedule
@@ -403,6 +402,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _warm_refresh_due(step: float, offset: float, gap: int) -> bool:
+    """Whether a basis that exists is refreshed on the step that follows ``step`` steps."""
+    return step >= gap and (step - offset) % gap == 0
 
 
 _GALORE_TORCH_PROJECTOR = "projector"

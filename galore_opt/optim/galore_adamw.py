@@ -8,10 +8,21 @@ from typing import Any
 import torch
 
 from .. import config as C
-from ..functional import adamw_update, check_impl, galore_adamw_update, kernel_ops, resolve_impl
+from ..functional import (
+    adamw_update,
+    check_impl,
+    galore_adamw_update,
+    grouped_galore_adamw_update,
+    kernel_ops,
+    multi_tensor_adamw,
+    resolve_impl,
+    use_grouped,
+)
 from ..functional.adamw import bases_for_compute
 from ..projector import project
-from .base import GaLoreOptimizer
+from .base import GaLoreOptimizer, _warm_refresh_due
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _DEFAULT_EPS = {"torch": 1e-8, "galore_torch": 1e-6}
 
@@ -80,6 +91,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         impl: str = "auto",
         seed: int = 0,
         correct_bias: bool = True,
+        foreach: bool | None = None,
     ) -> None:
         if numerics not in C.NUMERICS:
             raise ValueError(f"Invalid numerics: {numerics!r} - must be one of {C.NUMERICS}")
@@ -98,7 +110,12 @@ class GaLoreAdamW(GaLoreOptimizer):
         )
         if not correct_bias and numerics == "torch":
             raise ValueError("correct_bias=False exists only under numerics='galore_torch'")
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} - must be None, True or False")
         super().__init__(params, {**defaults, "seed": seed})
+        self.defaults["foreach"] = foreach
+
+    _optimizer_wide_defaults = (*GaLoreOptimizer._optimizer_wide_defaults, "foreach")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -107,10 +124,105 @@ class GaLoreAdamW(GaLoreOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, index in self._iter_params():
+        entries = list(self._iter_params())
+        if self.defaults.get("foreach") is not False:
+            entries = self._grouped_step(entries)
+        for group, p, index in entries:
             with self._whole_state(p):
                 self._step_one(group, p, index)
         return loss
+
+    def _grouped_step(self, entries: list) -> list:
+        """Update at once, one shape group at a time, the parameters that the dispatch
+        (:func:`galore_opt.functional.use_grouped`) sends to the grouped path; return the others
+        ``(group, param, index)`` for the per-matrix path.
+
+        Grouped: GaLore matrices (torch numerics, one side projected, plain fp moments) whose
+        state exists and whose basis is not refreshed this step, batched by (shape, side, rank,
+        dtypes, device, hyperparameters, step): :func:`grouped_galore_adamw_update`; and
+        full-size parameters with moments in their dtype (torch numerics), per param group:
+        :func:`multi_tensor_adamw` (PyTorch's foreach AdamW). Per matrix: a first step (the state
+        and the first basis are built), a refresh step (the refresh needs the matrix's own
+        gradient and projected gradient), galore_torch numerics (galore-torch's arithmetic,
+        kept op for op), both sides projected, full-rank GaLore matrices, 8-bit moments,
+        FSDP2 (DTensor) parameters and whatever the per-matrix fused kernels take.
+        """
+        rest: list = []
+        impls: dict = {}
+        full: dict = {}
+        candidates: dict = {}
+        foreach = self.defaults.get("foreach")
+        state_of = self.state
+        for entry in entries:
+            group, p, _ = entry
+            state = state_of.get(p)
+            if (
+                not state
+                or C.STEP not in state
+                or group["numerics"] != "torch"
+                or type(p) not in _PLAIN and _is_dtensor(p)  # FSDP2 parameters: per matrix
+            ):
+                rest.append(entry)
+                continue
+            key = (group["impl"], p.device)
+            grouped = impls.get(key)
+            if grouped is None:
+                grouped = impls[key] = use_grouped(foreach, resolve_impl(group["impl"], p, self._kernel))
+            exp_avg = state.get(C.EXP_AVG)
+            grad = p.grad
+            if not grouped or exp_avg is None:
+                rest.append(entry)
+                continue
+            if "rank" not in group:
+                if exp_avg.dtype == p.dtype == grad.dtype and exp_avg.shape == p.shape:
+                    full.setdefault(id(group), (group, []))[1].append(p)
+                else:
+                    rest.append(entry)
+                continue
+            if p.dim() != 2 or (left := state.get(C.BASIS_LEFT)) is not None and C.BASIS_RIGHT in state:
+                rest.append(entry)
+                continue
+            basis = left if left is not None else state.get(C.BASIS_RIGHT)
+            if basis is None:
+                rest.append(entry)
+                continue
+            candidates.setdefault(id(group), (group, []))[1].append((entry, state, basis, left is not None))
+        for group, params in full.values():
+            beta1, beta2 = group["betas"]
+            states = [state_of[p] for p in params]
+            multi_tensor_adamw(
+                params, [p.grad for p in params], [s[C.EXP_AVG] for s in states], [s[C.EXP_AVG_SQ] for s in states],
+                [s[C.STEP] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                weight_decay=group["weight_decay"],
+            )  # fmt: skip
+        buckets: dict = {}
+        for group, members in candidates.values():
+            # every step count of the group in one read (CPU tensors: no device sync)
+            steps = _values([state[C.STEP] for _, state, _, _ in members])
+            offsets = [state.get(C.REFRESH_OFFSET) for _, state, _, _ in members]
+            offset_values = iter(_values([o for o in offsets if o is not None]))
+            gap = group["update_proj_gap"]
+            hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
+            for (entry, state, basis, left), step, offset in zip(members, steps, offsets):
+                offset = 0 if offset is None else next(offset_values)
+                if _warm_refresh_due(step, offset, gap):  # a refresh is due: per matrix
+                    rest.append(entry)
+                    continue
+                p = entry[1]
+                exp_avg = state[C.EXP_AVG]
+                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype,
+                       exp_avg.dtype, state[C.EXP_AVG_SQ].dtype, hyper, step)  # fmt: skip
+                buckets.setdefault(key, []).append((p, state, basis))
+        for key, members in buckets.items():
+            left, step, (lr, beta1, beta2, eps, weight_decay, scale) = key[4], key[-1], key[-2]
+            params = [p for p, _, _ in members]
+            grouped_galore_adamw_update(
+                params, [p.grad for p in params], [s[C.EXP_AVG] for _, s, _ in members],
+                [s[C.EXP_AVG_SQ] for _, s, _ in members], [s[C.STEP] for _, s, _ in members],
+                [b for _, _, b in members], C.LEFT if left else C.RIGHT, step=step + 1, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+            )  # fmt: skip
+        return rest
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
     _kernel: str | None = "galore_adamw"
@@ -336,6 +448,16 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     def _store_moments(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         pass  # updated in place
+
+
+def _values(cpu_scalars: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim CPU tensors (step counts, refresh offsets): one stacked read for plain
+    tensors; one read each for others (a fake tensor's value is known only per tensor)."""
+    if not cpu_scalars:
+        return []
+    if all(type(t) is torch.Tensor for t in cpu_scalars):
+        return torch.stack(cpu_scalars).tolist()
+    return [t.item() for t in cpu_scalars]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -86,6 +86,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         seed: int = 0,
         block_size: int = DEFAULT_BLOCK_SIZE,
         min_8bit_size: int = SMALL_TENSOR_THRESHOLD,
+        foreach: bool | None = None,
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"Invalid block_size: {block_size!r} - must be an int >= 1")
@@ -94,7 +95,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._block_size = block_size
         self._min_8bit_size = min_8bit_size
         self._maps: dict[tuple[bool, torch.device], Tensor] = {}
-        super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed)
+        super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed, foreach=foreach)
         self.defaults.update(block_size=block_size, min_8bit_size=min_8bit_size)
 
     _kernel = "adamw8bit"
