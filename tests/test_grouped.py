@@ -15,7 +15,7 @@ from galore_opt.testing.dispatch import OpRecorder
 
 # left (32 x 96: m < n), right (64 x 32, 40 x 40) and full-size parameters; every product has
 # m n r >= 400, where the CPU's bmm / baddbmm_ run mm / addmm_ per matrix
-SHAPES = [(64, 32)] * 4 + [(32, 96)] * 3 + [(40, 40)] * 2 + [(17,)] * 3 + [(30, 20), (3, 4, 2)]
+SHAPES = [(64, 32)] * 4 + [(32, 96)] * 3 + [(40, 40)] * 2 + [(17,)] * 3 + [(30, 20), (3, 4, 2), (1100, 1000)]
 
 
 def _params(shapes, dtype, seed=0):
@@ -24,7 +24,7 @@ def _params(shapes, dtype, seed=0):
 
 
 def _groups(params, **galore):
-    mats = [p for p in params if p.dim() == 2 and p.numel() > 600]
+    mats = [p for p in params if p.dim() == 2 and 600 < p.numel() < 10**5]
     others = [p for p in params if not any(p is q for q in mats)]
     return [{"params": mats, "rank": 8, "update_proj_gap": 3, **galore}, {"params": others, "lr": 3e-3}]
 
@@ -57,7 +57,9 @@ def test_grouped_step_equals_per_matrix_bit_for_bit(dtype, weight_decay, stagger
     runs = []
     for foreach in (False, None, True):
         params = _params(SHAPES, dtype)
-        opt = cls(_groups(params, stagger_refresh=stagger), lr=1e-2, weight_decay=weight_decay, foreach=foreach, **kwargs)
+        opt = cls(
+            _groups(params, stagger_refresh=stagger), lr=1e-2, betas=(0.8, 0.99), weight_decay=weight_decay, foreach=foreach, **kwargs
+        )
         _train(params, opt, 0, 12)
         runs.append((params, opt))
     (ref, ref_opt), *others = runs
@@ -73,7 +75,9 @@ def test_grouped_step_with_a_basis_of_another_dtype(dtype, basis_dtype):
     runs = []
     for foreach in (False, None):
         params = _params(SHAPES, dtype)
-        opt = GaLoreAdamW(_groups(params, basis_dtype=basis_dtype), lr=1e-2, weight_decay=0.1, foreach=foreach)
+        opt = GaLoreAdamW(
+            _groups(params, basis_dtype=basis_dtype), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, foreach=foreach
+        )
         _train(params, opt, 0, 8)
         runs.append((params, opt))
     _assert_same(*runs[0], *runs[1])

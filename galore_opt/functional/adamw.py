@@ -188,6 +188,14 @@ def galore_adamw_update(
 GROUP_CHUNK = 1 << 24
 
 
+def _scalar(value: float, device: torch.device) -> Tensor:
+    """``value`` as a 0-dim fp32 tensor on ``device``, for ``torch._foreach_mul_``: given a Python
+    number, the CPU foreach kernel rounds it to the tensors' dtype first (0.99 becomes 0.98828125
+    in bf16), where ``Tensor.mul_`` multiplies in fp32; given this tensor it multiplies as
+    ``Tensor.mul_`` does."""
+    return torch.full((), value, dtype=torch.float32, device=device)
+
+
 def multi_tensor_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -195,26 +203,39 @@ def multi_tensor_adamw(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     *,
+    step: float,
     lr: float,
     beta1: float,
     beta2: float,
     eps: float,
     weight_decay: float,
 ) -> None:
-    """:func:`adamw_update` (torch numerics) of many full-size parameters at once, through
-    PyTorch's own foreach AdamW (``torch.optim.adamw.adamw(foreach=True)``): a handful of
-    ``torch._foreach_*`` operators for the whole list. Its ops are the single-tensor path's, list
-    by list, so the result is :func:`adamw_update`'s bit for bit (on the CPU each foreach operator
-    runs the single-tensor kernel per tensor). ``steps``: fp32 CPU step tensors, incremented."""
+    """:func:`adamw_update` (torch numerics) of many full-size parameters on one device at the same
+    ``step`` (the count after incrementing; ``steps`` are incremented here): the ops of
+    :func:`adamw_apply` as ``torch._foreach_*`` operators over the lists, those of PyTorch's foreach
+    AdamW (``torch.optim.adamw``'s ``_multi_tensor_adam``), one dispatch per list.
+
+    Bit for bit :func:`adamw_update`'s on the CPU (each foreach operator runs the single-tensor
+    kernel per tensor) except where torch's foreach AdamW is not: it multiplies bf16/fp16 tensors
+    by ``beta2`` and ``1 - lr * wd`` rounded to their dtype (a Python scalar given to
+    ``_foreach_mul_``); here the multipliers are fp32 tensors (:func:`_scalar`), as in ``mul_``.
+    """
     if not params:
         return
-    from torch.optim.adamw import adamw as torch_adamw
-
-    torch_adamw(
-        params, grads, exp_avgs, exp_avg_sqs, [], steps,
-        foreach=True, capturable=False, differentiable=False, fused=None,
-        amsgrad=False, beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False,
-    )  # fmt: skip
+    torch._foreach_add_(steps, 1)
+    device = params[0].device
+    if weight_decay != 0:
+        torch._foreach_mul_(params, _scalar(1 - lr * weight_decay, device))
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, _scalar(beta2, device))
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2 = 1 - beta2**step
+    step_size = lr / bias_correction1
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction2**0.5)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
 
 
 def grouped_galore_adamw_update(
@@ -263,8 +284,10 @@ def grouped_galore_adamw_update(
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     alpha = -lr * scale / bias_correction1
+    device = params[0].device
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, _scalar(1 - lr * weight_decay, device))
+    beta2_t = _scalar(beta2, device)
     for start in range(0, len(params), per):
         sl = slice(start, start + per)
         ps, exp_avg, exp_avg_sq = params[sl], exp_avgs[sl], exp_avg_sqs[sl]
@@ -280,7 +303,7 @@ def grouped_galore_adamw_update(
             low = low.to(exp_avg[0].dtype)
         lows = low.unbind(0)
         torch._foreach_lerp_(exp_avg, lows, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
+        torch._foreach_mul_(exp_avg_sq, beta2_t)
         torch._foreach_addcmul_(exp_avg_sq, lows, lows, value=1 - beta2)
         del low, lows
         denom = torch._foreach_sqrt(exp_avg_sq)

@@ -18,7 +18,7 @@ from ..functional import (
     resolve_impl,
     use_grouped,
 )
-from ..functional.adamw import bases_for_compute
+from ..functional.adamw import CPU_SLICE, bases_for_compute
 from ..projector import project
 from .base import GaLoreOptimizer, _warm_refresh_due
 
@@ -174,7 +174,11 @@ class GaLoreAdamW(GaLoreOptimizer):
                 rest.append(entry)
                 continue
             if "rank" not in group:
-                if exp_avg.dtype == p.dtype == grad.dtype and exp_avg.shape == p.shape:
+                if (
+                    exp_avg.dtype == p.dtype == grad.dtype
+                    and exp_avg.shape == p.shape
+                    and (p.numel() <= CPU_SLICE or p.device.type != "cpu")  # larger: sliced per tensor
+                ):
                     full.setdefault(id(group), (group, []))[1].append(p)
                 else:
                     rest.append(entry)
@@ -190,11 +194,15 @@ class GaLoreAdamW(GaLoreOptimizer):
         for group, params in full.values():
             beta1, beta2 = group["betas"]
             states = [state_of[p] for p in params]
-            multi_tensor_adamw(
-                params, [p.grad for p in params], [s[C.EXP_AVG] for s in states], [s[C.EXP_AVG_SQ] for s in states],
-                [s[C.STEP] for s in states], lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
-                weight_decay=group["weight_decay"],
-            )  # fmt: skip
+            by_step: dict = {}
+            for p, state, step in zip(params, states, _values([s[C.STEP] for s in states])):
+                by_step.setdefault((p.device, p.dtype, step), []).append((p, state))
+            for (_, _, step), members in by_step.items():
+                multi_tensor_adamw(
+                    [p for p, _ in members], [p.grad for p, _ in members], [s[C.EXP_AVG] for _, s in members],
+                    [s[C.EXP_AVG_SQ] for _, s in members], [s[C.STEP] for _, s in members], step=step + 1,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                )  # fmt: skip
         buckets: dict = {}
         for group, members in candidates.values():
             # every step count of the group in one read (CPU tensors: no device sync)
