@@ -241,9 +241,8 @@ def multi_tensor_adamw(
 def grouped_galore_adamw_update(
     params: list[Tensor],
     grads: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    steps: list[Tensor],
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
     bases: list[Tensor],
     side: str,
     *,
@@ -255,27 +254,30 @@ def grouped_galore_adamw_update(
     weight_decay: float,
     scale: float,
     chunk: int = GROUP_CHUNK,
-) -> None:
+    keep_projected: bool = False,
+) -> list[Tensor] | None:
     """:func:`galore_adamw_update` (torch numerics, one side projected) of a *shape group*: 2-D
-    parameters of one shape, dtype and device, their gradients (one dtype), bases (one shape and
-    dtype, all ``side``: ``"left"`` or ``"right"``) and low-rank moments (one dtype), all at the
-    same ``step`` (the count after incrementing; ``steps`` are incremented here).
+    parameters of one shape, dtype and device, their gradients (one dtype) and bases (one shape
+    and dtype, all ``side``: ``"left"`` or ``"right"``), at the same ``step`` (the count after
+    incrementing; the caller increments the step tensors). ``exp_avg`` / ``exp_avg_sq``: the
+    group's low-rank moments stacked, ``(len(params), *low_rank_shape)``, updated in place.
+    Returns the projected gradients (one per matrix, in the projection's dtype) when
+    ``keep_projected`` (a deferred refresh reuses them), else ``None``.
 
-    The matrices' products run as batched GEMMs over stacked operands: one ``bmm`` projects every
-    gradient, one ``baddbmm_`` (``W <- W + alpha P N`` per matrix, into a stacked copy of the
-    weights copied back with one ``_foreach_copy_``) applies every update; the low-rank Adam
-    arithmetic is ``torch._foreach_*`` over the moments. Stacking is done ``chunk`` weight
-    elements at a time (the stacked weights and gradients are the only full-size temporaries).
+    The products run as batched GEMMs over stacked operands: one ``bmm`` projects every gradient,
+    one ``baddbmm_`` (``W <- W + alpha P N`` per matrix, into a stacked copy of the weights, copied
+    back with one ``_foreach_copy_``) applies every update; the low-rank Adam arithmetic is the
+    reference's ops on the stacked moments, once for the group. Stacking runs ``chunk`` weight
+    elements at a time: the stacked weights and gradients are the only full-size temporaries.
 
-    Numerics: the elementwise operators are the reference's, tensor by tensor. ``bmm`` and
+    Numerics: the elementwise ops are the reference's, element by element. ``bmm`` and
     ``baddbmm_`` on the CPU run the same GEMM per matrix as ``mm`` / ``addmm_`` for most shapes
-    (bit for bit), but take another kernel for tiny products (``m n r < 400``: a plain loop) and
-    may for large ones (oneDNN): those results differ from the per-matrix path by the
-    reassociation of one GEMM's sums (see ``tests/test_grouped.py`` for the bound it checks).
+    (bit for bit), but another kernel for tiny products (``m n r < 400``: a plain loop) and may
+    for some large ones (oneDNN): there the result differs from the per-matrix path by the
+    reassociation of one GEMM's sums (the tolerance table's ``grouped_gemm`` bound, tested).
     """
     if not params:
-        return
-    torch._foreach_add_(steps, 1)
+        return None
     left = side == "left"
     m, n = params[0].shape
     per = max(1, chunk // max(1, m * n))
@@ -284,32 +286,31 @@ def grouped_galore_adamw_update(
     bias_correction1 = 1 - beta1**step
     bias_correction2 = 1 - beta2**step
     alpha = -lr * scale / bias_correction1
-    device = params[0].device
+    projected = [] if keep_projected else None
     if weight_decay != 0:
-        torch._foreach_mul_(params, _scalar(1 - lr * weight_decay, device))
-    beta2_t = _scalar(beta2, device)
+        torch._foreach_mul_(params, _scalar(1 - lr * weight_decay, params[0].device))
     for start in range(0, len(params), per):
-        sl = slice(start, start + per)
-        ps, exp_avg, exp_avg_sq = params[sl], exp_avgs[sl], exp_avg_sqs[sl]
-        basis = torch.stack(bases[sl])
+        stop = min(start + per, len(params))
+        ps = params[start:stop]
+        m_t = exp_avg if stop - start == len(params) else exp_avg.narrow(0, start, stop - start)
+        v_t = exp_avg_sq if stop - start == len(params) else exp_avg_sq.narrow(0, start, stop - start)
+        basis = torch.stack(bases[start:stop])
         if basis.dtype != compute_dtype:
             basis = basis.to(compute_dtype)
-        grad = torch.stack(grads[sl])
+        grad = torch.stack(grads[start:stop])
         if grad.dtype != compute_dtype:
             grad = grad.to(compute_dtype)
         low = torch.bmm(basis.transpose(1, 2), grad) if left else torch.bmm(grad, basis.transpose(1, 2))
         del grad
-        if low.dtype != exp_avg[0].dtype:
-            low = low.to(exp_avg[0].dtype)
-        lows = low.unbind(0)
-        torch._foreach_lerp_(exp_avg, lows, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2_t)
-        torch._foreach_addcmul_(exp_avg_sq, lows, lows, value=1 - beta2)
-        del low, lows
-        denom = torch._foreach_sqrt(exp_avg_sq)
-        torch._foreach_div_(denom, bias_correction2**0.5)
-        torch._foreach_add_(denom, eps)
-        norm = torch.stack(torch._foreach_div(exp_avg, denom))
+        if projected is not None:
+            projected.extend(low.unbind(0))
+        if low.dtype != m_t.dtype:
+            low = low.to(m_t.dtype)
+        m_t.lerp_(low, 1 - beta1)
+        v_t.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        del low
+        denom = v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
+        norm = m_t / denom
         del denom
         if norm.dtype != compute_dtype:
             norm = norm.to(compute_dtype)
@@ -321,3 +322,4 @@ def grouped_galore_adamw_update(
         else:
             update = torch.bmm(a, b).to(ps[0].dtype)
             torch._foreach_add_(ps, update.unbind(0), alpha=alpha)
+    return projected

@@ -213,24 +213,60 @@ class GaLoreAdamW(GaLoreOptimizer):
             hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
             for (entry, state, basis, left), step, offset in zip(members, steps, offsets):
                 offset = 0 if offset is None else next(offset_values)
-                if _warm_refresh_due(step, offset, gap):  # a refresh is due: per matrix
-                    rest.append(entry)
-                    continue
                 p = entry[1]
-                exp_avg = state[C.EXP_AVG]
                 key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype,
-                       exp_avg.dtype, state[C.EXP_AVG_SQ].dtype, hyper, step)  # fmt: skip
-                buckets.setdefault(key, []).append((p, state, basis))
+                       state[C.EXP_AVG].dtype, state[C.EXP_AVG_SQ].dtype, hyper, step)  # fmt: skip
+                # a warm refresh due on this step follows the update (deferred, see _refresh_if_due)
+                buckets.setdefault(key, []).append((entry, state, basis, _warm_refresh_due(step, offset, gap)))
         for key, members in buckets.items():
+            if len(members) == 1:  # a batch of one gains nothing
+                rest.append(members[0][0])
+                continue
             left, step, (lr, beta1, beta2, eps, weight_decay, scale) = key[4], key[-1], key[-2]
-            params = [p for p, _, _ in members]
-            grouped_galore_adamw_update(
-                params, [p.grad for p in params], [s[C.EXP_AVG] for _, s, _ in members],
-                [s[C.EXP_AVG_SQ] for _, s, _ in members], [s[C.STEP] for _, s, _ in members],
-                [b for _, _, b in members], C.LEFT if left else C.RIGHT, step=step + 1, lr=lr, beta1=beta1,
-                beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+            exp_avg, exp_avg_sq, step_t = self._stacked_state([(entry[1], state) for entry, state, _, _ in members])
+            if isinstance(step_t, torch.Tensor):
+                step_t.add_(1)
+            else:
+                torch._foreach_add_(step_t, 1)
+            params = [entry[1] for entry, _, _, _ in members]
+            side = C.LEFT if left else C.RIGHT
+            due = [i for i, member in enumerate(members) if member[3]]
+            projected = grouped_galore_adamw_update(
+                params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
+                step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                keep_projected=bool(due),
             )  # fmt: skip
+            for i in due:
+                group, p, index = members[i][0]
+                self._refresh(p, p.grad, group, index, side, int(step), projected=projected[i])
         return rest
+
+    def _stacked_state(self, members: list) -> tuple:
+        """The moments (and step counts) of a shape group's ``(param, state)`` members as stacked
+        tensors ``(exp_avg, exp_avg_sq, steps)``, each parameter's state holding its slice.
+
+        The state stays per parameter, in the same keys and shapes: each value is a view of one
+        buffer per group (``torch.save`` writes the shared storage once, so a checkpoint holds
+        the same bytes). Where the views are not (or no longer) there (the first grouped step, a
+        loaded checkpoint, a group whose members changed), the buffers are rebuilt from the
+        current values (one copy) and the views put into the states. Step counts are stacked
+        only when they are plain tensors (a fake tensor's value would be lost); ``steps`` is then
+        a 1-D CPU tensor, else the list of the step tensors.
+        """
+        states = [state for _, state in members]
+        stacks = []
+        for key in (C.EXP_AVG, C.EXP_AVG_SQ, C.STEP):
+            values = [state[key] for state in states]
+            if _stacked(values):
+                stacks.append(values[0]._base)
+            elif key == C.STEP and not all(type(v) is torch.Tensor for v in values):
+                stacks.append(values)
+            else:
+                stacked = torch.stack(values)
+                for state, view in zip(states, stacked.unbind(0)):
+                    state[key] = view
+                stacks.append(stacked)
+        return tuple(stacks)
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
     _kernel: str | None = "galore_adamw"
@@ -456,6 +492,18 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     def _store_moments(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         pass  # updated in place
+
+
+def _stacked(tensors: list[torch.Tensor]) -> bool:
+    """Whether ``tensors`` are, in order, the slices ``buffer[i]`` of one contiguous buffer."""
+    base = tensors[0]._base
+    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors) or base.storage_offset() != 0:
+        return False
+    shape, numel = base.shape[1:], tensors[0].numel()
+    return all(
+        t._base is base and t.storage_offset() == i * numel and t.shape == shape and t.is_contiguous()
+        for i, t in enumerate(tensors)
+    )
 
 
 def _values(cpu_scalars: list[torch.Tensor]) -> list[float]:
