@@ -368,6 +368,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         tensor this optimizer keeps, galore-torch's projector object the basis it holds;
         param-group keys the checkpoint lacks take the defaults (see :meth:`__setstate__`).
         """
+        self.__dict__.pop("_flat_views", None)  # the grouped path's buffers of the state replaced here
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)

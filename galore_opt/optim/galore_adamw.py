@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -170,12 +172,13 @@ class GaLoreAdamW(GaLoreOptimizer):
                 grouped = impls[key] = use_grouped(foreach, resolve_impl(group["impl"], p, self._kernel))
             exp_avg = state.get(C.EXP_AVG)
             grad = p.grad
-            if not grouped or exp_avg is None:
+            if not grouped:
                 rest.append(entry)
                 continue
             if "rank" not in group:
                 if (
-                    exp_avg.dtype == p.dtype == grad.dtype
+                    exp_avg is not None
+                    and exp_avg.dtype == p.dtype == grad.dtype
                     and exp_avg.shape == p.shape
                     and (p.numel() <= CPU_SLICE or p.device.type != "cpu")  # larger: sliced per tensor
                 ):
@@ -187,10 +190,10 @@ class GaLoreAdamW(GaLoreOptimizer):
                 rest.append(entry)
                 continue
             basis = left if left is not None else state.get(C.BASIS_RIGHT)
-            if basis is None:
+            if basis is None or (moments := self._grouped_moments(state)) is None:
                 rest.append(entry)
                 continue
-            candidates.setdefault(id(group), (group, []))[1].append((entry, state, basis, left is not None))
+            candidates.setdefault(id(group), (group, []))[1].append((entry, state, basis, left is not None, moments))
         for group, params in full.values():
             beta1, beta2 = group["betas"]
             states = [state_of[p] for p in params]
@@ -206,67 +209,105 @@ class GaLoreAdamW(GaLoreOptimizer):
         buckets: dict = {}
         for group, members in candidates.values():
             # every step count of the group in one read (CPU tensors: no device sync)
-            steps = _values([state[C.STEP] for _, state, _, _ in members])
-            offsets = [state.get(C.REFRESH_OFFSET) for _, state, _, _ in members]
+            steps = _values([member[1][C.STEP] for member in members])
+            offsets = [member[1].get(C.REFRESH_OFFSET) for member in members]
             offset_values = iter(_values([o for o in offsets if o is not None]))
             gap = group["update_proj_gap"]
             hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
-            for (entry, state, basis, left), step, offset in zip(members, steps, offsets):
+            for (entry, state, basis, left, moments), step, offset in zip(members, steps, offsets):
                 offset = 0 if offset is None else next(offset_values)
                 p = entry[1]
-                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype,
-                       state[C.EXP_AVG].dtype, state[C.EXP_AVG_SQ].dtype, hyper, step)  # fmt: skip
+                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, hyper, step)
                 # a warm refresh due on this step follows the update (deferred, see _refresh_if_due)
                 buckets.setdefault(key, []).append((entry, state, basis, _warm_refresh_due(step, offset, gap)))
+        supers: dict = {}
         for key, members in buckets.items():
             if len(members) == 1:  # a batch of one gains nothing
                 rest.append(members[0][0])
                 continue
-            left, step, (lr, beta1, beta2, eps, weight_decay, scale) = key[4], key[-1], key[-2]
-            exp_avg, exp_avg_sq, step_t = self._stacked_state([(entry[1], state) for entry, state, _, _ in members])
+            supers.setdefault((key[2], key[7]), []).append((key, members))
+        for (_, moments), shape_groups in supers.items():
+            # the state of all shape groups with this moment layout: one flat buffer per key
+            states = [member[1] for _, members in shape_groups for member in members]
+            flats = self._flat_state(states, (*moments[0], C.STEP))
+            step_t = flats[-1]
             if isinstance(step_t, torch.Tensor):
                 step_t.add_(1)
             else:
                 torch._foreach_add_(step_t, 1)
-            params = [entry[1] for entry, _, _, _ in members]
-            side = C.LEFT if left else C.RIGHT
-            due = [i for i, member in enumerate(members) if member[3]]
-            projected = grouped_galore_adamw_update(
-                params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
-                step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                keep_projected=bool(due),
-            )  # fmt: skip
-            for i in due:
-                group, p, index = members[i][0]
-                self._refresh(p, p.grad, group, index, side, int(step), projected=projected[i])
+            flat_m, flat_v = self._load_stacked(flats[:-1])
+            offset = 0
+            for key, members in shape_groups:
+                left, step, (lr, beta1, beta2, eps, weight_decay, scale) = key[4], key[-1], key[-2]
+                low_shape = members[0][1][moments[0][0]].shape
+                count = len(members) * math.prod(low_shape)
+                exp_avg = flat_m.narrow(0, offset, count).view(len(members), *low_shape)
+                exp_avg_sq = flat_v.narrow(0, offset, count).view(len(members), *low_shape)
+                offset += count
+                params = [entry[1] for entry, _, _, _ in members]
+                side = C.LEFT if left else C.RIGHT
+                due = [i for i, member in enumerate(members) if member[3]]
+                projected = grouped_galore_adamw_update(
+                    params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
+                    step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                    keep_projected=bool(due),
+                )  # fmt: skip
+                for i in due:
+                    group, p, index = members[i][0]
+                    self._refresh(p, p.grad, group, index, side, int(step), projected=projected[i])
+            self._store_stacked(flats[:-1], flat_m, flat_v)
         return rest
 
-    def _stacked_state(self, members: list) -> tuple:
-        """The moments (and step counts) of a shape group's ``(param, state)`` members as stacked
-        tensors ``(exp_avg, exp_avg_sq, steps)``, each parameter's state holding its slice.
+    def _grouped_moments(self, state: dict[str, Any]) -> tuple | None:
+        """How a GaLore parameter's moments are stacked on the grouped path: ``(keys, dtypes)``
+        (part of the shape-group key), or ``None``: per matrix."""
+        exp_avg, exp_avg_sq = state.get(C.EXP_AVG), state.get(C.EXP_AVG_SQ)
+        if exp_avg is None or exp_avg_sq is None:
+            return None
+        return (C.EXP_AVG, C.EXP_AVG_SQ), (exp_avg.dtype, exp_avg_sq.dtype)
 
-        The state stays per parameter, in the same keys and shapes: each value is a view of one
-        buffer per group (``torch.save`` writes the shared storage once, so a checkpoint holds
-        the same bytes). Where the views are not (or no longer) there (the first grouped step, a
-        loaded checkpoint, a group whose members changed), the buffers are rebuilt from the
-        current values (one copy) and the views put into the states. Step counts are stacked
-        only when they are plain tensors (a fake tensor's value would be lost); ``steps`` is then
-        a 1-D CPU tensor, else the list of the step tensors.
+    def _load_stacked(self, stacks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked moments to update from the stacked state of :meth:`_grouped_moments`' keys."""
+        return stacks[0], stacks[1]
+
+    def _store_stacked(self, stacks: tuple, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        pass  # updated in place
+
+    def _flat_state(self, states: list, keys: tuple) -> tuple:
+        """The state tensors under ``keys`` (the moments, and the step counts last) of the given
+        parameters' states, each key's as one flat 1-D buffer in which every state holds a view of
+        its own shape (consecutive, in order).
+
+        The state stays per parameter, in the same keys, shapes and dtypes; the grouped update
+        (and 8-bit block-wise quantization) then runs once over a buffer instead of once per
+        tensor. ``torch.save`` writes a shared storage once: a checkpoint holds the same bytes as
+        before. Where the views are not (or no longer) there (the first grouped step, a loaded
+        checkpoint, parameters that changed), the buffer is rebuilt from the current values (one
+        copy) and the views put into the states. Step counts share a buffer only when they are
+        plain tensors (a fake tensor's value would be lost): otherwise the list of them.
         """
-        states = [state for _, state in members]
-        stacks = []
-        for key in (C.EXP_AVG, C.EXP_AVG_SQ, C.STEP):
+        cache = self.__dict__.setdefault("_flat_views", {})  # id(buffer) -> (buffer, its views)
+        flats = []
+        for key in keys:
             values = [state[key] for state in states]
-            if _stacked(values):
-                stacks.append(values[0]._base)
-            elif key == C.STEP and not all(type(v) is torch.Tensor for v in values):
-                stacks.append(values)
-            else:
-                stacked = torch.stack(values)
-                for state, view in zip(states, stacked.unbind(0)):
-                    state[key] = view
-                stacks.append(stacked)
-        return tuple(stacks)
+            base = values[0]._base
+            hit = cache.get(id(base)) if base is not None else None
+            if hit is not None and hit[0] is base and len(hit[1]) == len(values) and all(map(operator.is_, values, hit[1])):
+                flats.append(base)
+                continue
+            if key == C.STEP and not all(type(v) is torch.Tensor for v in values):
+                flats.append(values)
+                continue
+            flat = _flat_base(values)
+            if flat is None:
+                flat = torch.cat([v.reshape(-1) for v in values])
+                for state, piece, value in zip(states, flat.split([v.numel() for v in values]), values):
+                    state[key] = piece.view(value.shape)
+            for old in {id(v._base) for v in values if v._base is not None}:
+                cache.pop(old, None)
+            cache[id(flat)] = (flat, tuple(state[key] for state in states))
+            flats.append(flat)
+        return tuple(flats)
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
     _kernel: str | None = "galore_adamw"
@@ -494,16 +535,18 @@ class GaLoreAdamW(GaLoreOptimizer):
         pass  # updated in place
 
 
-def _stacked(tensors: list[torch.Tensor]) -> bool:
-    """Whether ``tensors`` are, in order, the slices ``buffer[i]`` of one contiguous buffer."""
+def _flat_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D contiguous buffer whose consecutive pieces, in order, ``tensors`` are (contiguous
+    views), or ``None``."""
     base = tensors[0]._base
-    if base is None or not base.is_contiguous() or base.shape[0] != len(tensors) or base.storage_offset() != 0:
-        return False
-    shape, numel = base.shape[1:], tensors[0].numel()
-    return all(
-        t._base is base and t.storage_offset() == i * numel and t.shape == shape and t.is_contiguous()
-        for i, t in enumerate(tensors)
-    )
+    if base is None or base.dim() != 1 or not base.is_contiguous() or base.storage_offset() != 0:
+        return None
+    offset = 0
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base if offset == base.numel() else None
 
 
 def _values(cpu_scalars: list[torch.Tensor]) -> list[float]:
