@@ -207,3 +207,44 @@ def test_grouped_state_is_per_parameter_views_of_one_buffer_and_saves_once():
     # same tensor bytes; the file differs only by the per-tensor records
     assert abs(buf.getbuffer().nbytes - buf_ref.getbuffer().nbytes) < 0.02 * state_bytes
     assert buf.getbuffer().nbytes < 1.1 * state_bytes + 20000
+
+
+def _compiled_training_run(backend, compiled):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+    )
+    mats = [model[0].weight, model[2].weight, model[4].weight]
+    others = [p for p in model.parameters() if all(p is not q for q in mats)]
+    opt = GaLoreAdamW([{"params": mats, "rank": 4, "update_proj_gap": 3}, {"params": others}], lr=1e-2)
+
+    def train_step(x):
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss
+
+    step = torch.compile(train_step, backend=backend) if compiled else train_step
+    for i in range(7):  # cold start, steady steps, refreshes at 3 and 6
+        step(torch.randn(16, 32, generator=torch.Generator().manual_seed(i)))
+    return list(model.parameters())
+
+
+def test_torch_compile_of_a_training_step_with_the_optimizer():
+    """torch.compile of forward + backward + step: the model's graphs are compiled, the optimizer
+    step runs eagerly inside (``torch._disable_dynamo``: a graph break), with the same numbers."""
+    eager = _compiled_training_run(None, compiled=False)
+    compiled = _compiled_training_run("aot_eager", compiled=True)
+    for p, q in zip(eager, compiled):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.slow
+def test_torch_compile_inductor_training_step_with_the_optimizer():
+    """The default backend (Inductor, C++ on the CPU): fused forward/backward kernels round
+    differently, so the weights agree to a few ulps."""
+    eager = _compiled_training_run(None, compiled=False)
+    compiled = _compiled_training_run("inductor", compiled=True)
+    for p, q in zip(eager, compiled):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)

@@ -119,6 +119,7 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     _optimizer_wide_defaults = (*GaLoreOptimizer._optimizer_wide_defaults, "foreach")
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -356,6 +357,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """Update a full-size (non-GaLore) parameter another way; False: the default path."""
         return False
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, low_rank_grad: torch.Tensor | None = None) -> None:
         """Update only ``p`` (optimizer-in-backward). ``low_rank_grad``: the gradient already
