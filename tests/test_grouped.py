@@ -67,6 +67,26 @@ def test_grouped_step_equals_per_matrix_bit_for_bit(dtype, weight_decay, stagger
         _assert_same(ref, ref_opt, params, opt)
 
 
+@pytest.mark.parametrize("basis_dtype", [None, "float32"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_step_with_one_gemm_per_matrix_equals_per_matrix(dtype, basis_dtype, monkeypatch):
+    """Matrices above BATCHED_GEMM_MAX_ELEMENTS keep one GEMM per matrix (here: all of them)."""
+    import galore_opt.functional.adamw as F
+
+    monkeypatch.setattr(F, "BATCHED_GEMM_MAX_ELEMENTS", {"cpu": 0})
+    runs = []
+    for foreach in (False, None):
+        params = _params(SHAPES, dtype)
+        opt = GaLoreAdamW(
+            _groups(params, basis_dtype=basis_dtype), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, foreach=foreach
+        )
+        with OpRecorder() as rec:
+            _train(params, opt, 0, 10)
+        assert "aten.bmm.default" not in rec.counts
+        runs.append((params, opt))
+    _assert_same(*runs[0], *runs[1])
+
+
 @pytest.mark.parametrize("stagger", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_8bit_step_equals_per_matrix_bit_for_bit(dtype, stagger):
