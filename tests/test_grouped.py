@@ -70,10 +70,12 @@ def test_grouped_step_equals_per_matrix_bit_for_bit(dtype, weight_decay, stagger
 @pytest.mark.parametrize("basis_dtype", [None, "float32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grouped_step_with_one_gemm_per_matrix_equals_per_matrix(dtype, basis_dtype, monkeypatch):
-    """Matrices above BATCHED_GEMM_MAX_ELEMENTS keep one GEMM per matrix (here: all of them)."""
+    """Matrices above BATCHED_GEMM_MAX_ELEMENTS keep one GEMM per matrix (here: all of them), and
+    the stacked moments of more than CPU_SLICE elements are updated slice by slice (here: 100)."""
     import galore_opt.functional.adamw as F
 
     monkeypatch.setattr(F, "BATCHED_GEMM_MAX_ELEMENTS", {"cpu": 0})
+    monkeypatch.setattr(F, "CPU_SLICE", 100)
     runs = []
     for foreach in (False, None):
         params = _params(SHAPES, dtype)

@@ -245,6 +245,11 @@ def multi_tensor_adamw(
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
 
 
+def _lowrank_adam(low, exp_avg, exp_avg_sq, beta1, beta2, eps, bias_correction2) -> None:
+    exp_avg.lerp_(low, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+
+
 def grouped_galore_adamw_update(
     params: list[Tensor],
     grads: list[Tensor],
@@ -323,12 +328,17 @@ def grouped_galore_adamw_update(
             projected.extend(low.unbind(0))
         if low.dtype != m_t.dtype:
             low = low.to(m_t.dtype)
-        m_t.lerp_(low, 1 - beta1)
-        v_t.mul_(beta2).addcmul_(low, low, value=1 - beta2)
+        if m_t.device.type == "cpu" and m_t.numel() > CPU_SLICE:  # slices: temporaries stay in cache (CPU_SLICE)
+            norm = torch.empty_like(m_t)
+            flat = [t.view(-1) for t in (low, m_t, v_t, norm)]
+            for i in range(0, m_t.numel(), CPU_SLICE):
+                g, mm, vv, out = (t[i : i + CPU_SLICE] for t in flat)
+                _lowrank_adam(g, mm, vv, beta1, beta2, eps, bias_correction2)
+                torch.div(mm, vv.sqrt().div_(bias_correction2**0.5).add_(eps), out=out)
+        else:
+            _lowrank_adam(low, m_t, v_t, beta1, beta2, eps, bias_correction2)
+            norm = m_t / v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
         del low
-        denom = v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
-        norm = m_t / denom
-        del denom
         if norm.dtype != compute_dtype:
             norm = norm.to(compute_dtype)
         if not batched:
