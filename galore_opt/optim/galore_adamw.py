@@ -69,6 +69,21 @@ class GaLoreAdamW(GaLoreOptimizer):
             :func:`galore_opt.functional.resolve_impl`).
         seed: seeds randomized refreshes together with the step and the parameter's index;
             the global RNG is never touched.
+        foreach: ``None`` (default): the *grouped* step wherever the per-matrix Triton kernels
+            are not picked (the CPU, meta tensors): GaLore matrices that share shape, side, rank,
+            dtypes, device, hyperparameters and step count are updated together (batched
+            projection, the low-rank Adam arithmetic once over their stacked moments, batched
+            up-projection with the update; 8-bit moments quantized once over one flat buffer),
+            full-size parameters by foreach operators. ``True``: grouped on CUDA too, instead of
+            the per-matrix kernels. ``False``: the per-matrix (single-tensor) ground truth.
+            The grouped path gives the per-matrix results bit for bit where the batched GEMM
+            runs the per-matrix GEMM (tested; see
+            :func:`galore_opt.functional.grouped_galore_adamw_update` for the exceptions and the
+            bound). Per matrix in any case: first steps, galore_torch numerics, both sides
+            projected, full-rank matrices, FSDP2 (DTensor) parameters and ``step_param``
+            (layer-wise). The state stays per parameter in the same keys; on the grouped path
+            each value is a view of one buffer per group (checkpoints hold the same bytes and load
+            into either path).
 
     Notes:
         ``rank >= min(m, n)`` under torch numerics updates that parameter in full (the AdamW
@@ -79,6 +94,14 @@ class GaLoreAdamW(GaLoreOptimizer):
         the power iteration that computes the new basis from the same gradient (galore_torch
         numerics refresh first and project with the new basis, as galore-torch does).
         The optimizer state holds tensors only and loads with ``torch.load(weights_only=True)``.
+
+        ``capturable`` (in torch's sense: a step that a CUDA graph can capture and replay) is not
+        offered. The step count is a CPU tensor read on the host (no device sync), and the bias
+        corrections, the refresh schedule and the grouping are computed from it in Python, so a
+        captured step would replay its first step's constants; the step itself allocates only
+        value-independent shapes and reads no device value (``tests/test_fake_cuda_and_meta.py``).
+        Under ``torch.compile`` the step runs eagerly (a graph break, ``torch._disable_dynamo``):
+        the model's forward and backward are compiled, the optimizer gives the uncompiled numbers.
     """
 
     def __init__(
