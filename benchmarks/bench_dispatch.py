@@ -156,7 +156,9 @@ def timed_steps(name, groups, params, steps, warmup=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--intermediate", type=int, default=688)
@@ -167,8 +169,9 @@ def main(argv=None):
     p.add_argument("--host-steps", type=int, default=200)
     p.add_argument("--sizes", default=",".join(SIZES))
     p.add_argument("--steps", type=int, default=5, help="timed steady steps per size (median)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads for the step times (1: stable on a shared machine)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads for the step times (1: stable on a shared machine)"
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON path (the plot beside it, .png)")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -182,7 +185,9 @@ def main(argv=None):
 
     # 1 and 2: ops and fake-CUDA launches
     ops_rows = []
-    print(f"ops per step, {args.layers * 7} matrices ({args.hidden}/{args.intermediate}, rank {args.rank}, {args.dtype})")
+    print(
+        f"ops per step, {args.layers * 7} matrices ({args.hidden}/{args.intermediate}, rank {args.rank}, {args.dtype})"
+    )
     print(f"{'optimizer':24} {'path':10} {'steady':>7} {'/param':>7} {'refresh':>8} {'fused':>6} {'syncs':>6}")
     for name in names:
         for device, path in (("cpu", "cpu"), ("cuda", "fake_cuda")):
@@ -269,7 +274,10 @@ def plot(result, path):
     opts = list(dict.fromkeys(r["optimizer"] for r in result["step"]))
     width = 0.8 / max(1, len(opts))
     for j, name in enumerate(opts):
-        vals = [next((r["step_s"] * 1e3 for r in result["step"] if r["size"] == s and r["optimizer"] == name), 0) for s in sizes]
+        vals = [
+            next((r["step_s"] * 1e3 for r in result["step"] if r["size"] == s and r["optimizer"] == name), 0)
+            for s in sizes
+        ]
         axes[2].bar([i + j * width for i in range(len(sizes))], vals, width=width, label=name)
     axes[2].set_xticks([i + 0.4 - width / 2 for i in range(len(sizes))], [f"{s} layer" for s in sizes])
     axes[2].set_yscale("log")

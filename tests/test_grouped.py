@@ -58,7 +58,12 @@ def test_grouped_step_equals_per_matrix_bit_for_bit(dtype, weight_decay, stagger
     for foreach in (False, None, True):
         params = _params(SHAPES, dtype)
         opt = cls(
-            _groups(params, stagger_refresh=stagger), lr=1e-2, betas=(0.8, 0.99), weight_decay=weight_decay, foreach=foreach, **kwargs
+            _groups(params, stagger_refresh=stagger),
+            lr=1e-2,
+            betas=(0.8, 0.99),
+            weight_decay=weight_decay,
+            foreach=foreach,
+            **kwargs,
         )
         _train(params, opt, 0, 12)
         runs.append((params, opt))
@@ -110,9 +115,7 @@ def test_grouped_8bit_step_equals_per_matrix_bit_for_bit(dtype, stagger):
     assert C.EXP_AVG_CODES in opt.state[params[0]] and opt.state[params[0]][C.EXP_AVG_CODES]._base is not None
 
 
-@pytest.mark.parametrize(
-    "dtype,basis_dtype", [(torch.bfloat16, "float32"), (torch.float32, "bfloat16")]
-)
+@pytest.mark.parametrize("dtype,basis_dtype", [(torch.bfloat16, "float32"), (torch.float32, "bfloat16")])
 def test_grouped_step_with_a_basis_of_another_dtype(dtype, basis_dtype):
     """The projections then run in fp32 (a bf16 weight takes a bf16-rounded fp32 update)."""
     runs = []
@@ -132,7 +135,9 @@ def test_grouped_step_on_tiny_products_is_within_the_bound():
     runs = []
     for foreach in (False, None):
         params = _params([(6, 5)] * 3 + [(5, 7)] * 2, torch.float32)
-        opt = GaLoreAdamW([{"params": params, "rank": 2, "update_proj_gap": 4}], lr=1e-2, weight_decay=0.1, foreach=foreach)
+        opt = GaLoreAdamW(
+            [{"params": params, "rank": 2, "update_proj_gap": 4}], lr=1e-2, weight_decay=0.1, foreach=foreach
+        )
         _train(params, opt, 0, 12)
         runs.append(params)
     for p, q in zip(*runs):
@@ -176,7 +181,7 @@ def _llama_like(layers=8, hidden=64, inter=176, dtype=torch.float32):
 
 def _steady_ops(make_opt, params):
     opt = make_opt(params)
-    for step in range(3):  # 0: cold start, 1 and 2: steady
+    for _ in range(3):  # 0: cold start, 1 and 2: steady
         for p in params:
             p.grad = torch.randn_like(p)
         with OpRecorder() as rec:
@@ -192,7 +197,9 @@ def test_steady_step_ops_within_1_5x_torch_foreach_adamw(dtype):
     torch_ops = _steady_ops(lambda ps: torch.optim.AdamW(ps, lr=1e-3, foreach=True), _llama_like(dtype=dtype)).total
     group = {"rank": 16, "update_proj_gap": 1000}
     ours = _steady_ops(lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-3), _llama_like(dtype=dtype))
-    per_matrix = _steady_ops(lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-3, foreach=False), _llama_like(dtype=dtype))
+    per_matrix = _steady_ops(
+        lambda ps: GaLoreAdamW([{"params": ps, **group}], lr=1e-3, foreach=False), _llama_like(dtype=dtype)
+    )
     assert ours.total <= 1.5 * torch_ops, (ours.total, torch_ops, ours.counts)
     assert per_matrix.total > 4 * ours.total  # the per-matrix path is still there (14 ops per matrix)
     assert ours.counts["aten.bmm.default"] == 3 and ours.counts["aten.baddbmm_.default"] == 3  # 3 shape groups
