@@ -122,3 +122,15 @@ def test_rtx4090_estimate_and_make_tables(tmp_path, capsys):
     assert tables.main(["--results", str(tmp_path), "--out", str(md)]) == 0
     text = md.read_text()
     assert "What fits in 24 GiB" in text and "ESTIMATE" in text and "command:" in text
+
+
+def test_bench_dispatch_smallest(tmp_path, capsys):
+    bench = _bench("bench_dispatch")
+    out = tmp_path / "dispatch.json"
+    result = bench.main(["--layers", "1", "--hidden", "16", "--intermediate", "32", "--rank", "4", "--sizes", "",
+                         "--host-steps", "2", "--optimizers", "torch-adamw-foreach,ours-per-matrix,ours-grouped",
+                         "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text())["ops"] == result["ops"] and out.with_suffix(".png").exists()
+    cpu = {r["optimizer"]: r["steady"]["ops"] for r in result["ops"] if r["path"] == "cpu"}
+    assert cpu["ours-grouped"] < cpu["ours-per-matrix"]
+    assert all(r["steady"]["syncs"] == 0 for r in result["ops"] if "steady" in r)

@@ -123,3 +123,28 @@ def test_every_optimizer_runs_on_meta(cls, layerwise, impl):
     if layerwise:
         assert opt.grad_norm != opt.grad_norm  # NaN: meta tensors hold no values to read
         opt.remove_hooks()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_cuda_step_on_fake_tensors_never_syncs(dtype):
+    """``foreach=True`` groups on CUDA too (instead of the per-matrix kernels): shape groups q/k/v/o
+    and gate/up (down is alone: per matrix), no host sync on a cold, steady, refresh or steady
+    step."""
+    with FakeTensorMode():
+        matrices, others = _fake_model(dtype)
+        opt = GaLoreAdamW(
+            [{"params": matrices, "rank": 1024, "update_proj_gap": 2, "stagger_refresh": False}, {"params": others}],
+            lr=1e-3,
+            foreach=True,
+        )
+        for step in range(4):
+            _set_grads(matrices + others)
+            with OpRecorder() as rec:
+                opt.step()
+            assert rec.syncs == [], f"step {step} synchronizes: {rec.syncs[:5]}"
+            if step in (1, 2):  # steady and warm refresh (deferred after the grouped update)
+                # 7B matrices are above BATCHED_GEMM_MAX_ELEMENTS: one GEMM each into the group's
+                # stacked projected gradient, the update accumulated into each weight
+                assert rec.counts["aten.addmm_.default"] == 6, rec.counts
+                # the lone down_proj stays per matrix: the fused kernels
+                assert rec.custom_ops()["galore_opt.project_back_update.default"] == 1, rec.counts

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .adamw import adamw_update, galore_adamw_update
+from .adamw import adamw_update, galore_adamw_update, grouped_galore_adamw_update, multi_tensor_adamw
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -64,6 +64,18 @@ def check_impl(impl: str, kernel: str | None) -> None:
         resolve_impl(impl, torch.device("cuda" if torch.cuda.is_available() else "cpu"), kernel)
 
 
+def use_grouped(foreach: bool | None, impl: str) -> bool:
+    """Whether a parameter whose update ``impl`` (a :func:`resolve_impl` result) runs takes the
+    grouped path (one batched operation per shape group, :func:`grouped_galore_adamw_update` and
+    :func:`multi_tensor_adamw`) instead of the per-matrix one. ``foreach``: the optimizer's
+    argument: ``None`` groups wherever the per-matrix Triton kernels are not picked (the reference
+    path: the CPU, meta tensors), ``True`` everywhere (also instead of the per-matrix kernels on a
+    GPU), ``False`` nowhere (the single-tensor ground truth)."""
+    if foreach is None:
+        return impl == "reference"
+    return bool(foreach)
+
+
 def kernel_ops():
     """The kernels' operator namespace, ``torch.ops.galore_opt`` (registered on first use by
     :mod:`galore_opt.kernels.ops`, which imports torch only)."""
@@ -72,4 +84,7 @@ def kernel_ops():
     return torch.ops.galore_opt
 
 
-__all__ = ["IMPLS", "check_impl", "kernel_ops", "adamw_update", "galore_adamw_update", "resolve_impl", "triton_usable"]
+__all__ = [
+    "IMPLS", "adamw_update", "check_impl", "galore_adamw_update", "grouped_galore_adamw_update", "kernel_ops",
+    "multi_tensor_adamw", "resolve_impl", "triton_usable", "use_grouped",
+]  # fmt: skip

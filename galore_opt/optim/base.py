@@ -314,9 +314,8 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if C.BASIS_LEFT not in state and C.BASIS_RIGHT not in state:
             return True  # cold start
         step = int(state[C.STEP].item())
-        gap = group["update_proj_gap"]
         offset = int(state[C.REFRESH_OFFSET].item()) if C.REFRESH_OFFSET in state else 0
-        return step >= gap and (step - offset) % gap == 0
+        return _warm_refresh_due(step, offset, group["update_proj_gap"])
 
     def _refresh_if_due(self, p: Tensor, grad: Tensor, group: dict[str, Any], index: int, side: str) -> int | None:
         """Before the update: recompute the basis of ``p`` from its 2-D gradient when the schedule
@@ -408,6 +407,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         tensor this optimizer keeps, galore-torch's projector object the basis it holds;
         param-group keys the checkpoint lacks take the defaults (see :meth:`__setstate__`).
         """
+        self.__dict__.pop("_flat_views", None)  # the grouped path's buffers of the state replaced here
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             result = pre_hook(self, state_dict)
@@ -442,6 +442,11 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _warm_refresh_due(step: float, offset: float, gap: int) -> bool:
+    """Whether a basis that exists is refreshed on the step that follows ``step`` steps."""
+    return step >= gap and (step - offset) % gap == 0
 
 
 _GALORE_TORCH_PROJECTOR = "projector"

@@ -140,6 +140,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
             group["basis_dtype"] = "float32"
         super()._validate_group(group)
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""

@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 
 from .. import config as C
-from ..functional import adamw_update, check_impl, galore_adamw_update, kernel_ops, resolve_impl
-from ..functional.adamw import bases_for_compute
+from ..functional import (
+    adamw_update,
+    check_impl,
+    galore_adamw_update,
+    grouped_galore_adamw_update,
+    kernel_ops,
+    multi_tensor_adamw,
+    resolve_impl,
+    use_grouped,
+)
+from ..functional.adamw import CPU_SLICE, bases_for_compute
 from ..projector import project
-from .base import GaLoreOptimizer
+from .base import GaLoreOptimizer, _warm_refresh_due
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 _DEFAULT_EPS = {"torch": 1e-8, "galore_torch": 1e-6}
 
@@ -56,6 +69,21 @@ class GaLoreAdamW(GaLoreOptimizer):
             :func:`galore_opt.functional.resolve_impl`).
         seed: seeds randomized refreshes together with the step and the parameter's index;
             the global RNG is never touched.
+        foreach: ``None`` (default): the *grouped* step wherever the per-matrix Triton kernels
+            are not picked (the CPU, meta tensors): GaLore matrices that share shape, side, rank,
+            dtypes, device, hyperparameters and step count are updated together (batched
+            projection, the low-rank Adam arithmetic once over their stacked moments, batched
+            up-projection with the update; 8-bit moments quantized once over one flat buffer),
+            full-size parameters by foreach operators. ``True``: grouped on CUDA too, instead of
+            the per-matrix kernels. ``False``: the per-matrix (single-tensor) ground truth.
+            The grouped path gives the per-matrix results bit for bit where the batched GEMM
+            runs the per-matrix GEMM (tested; see
+            :func:`galore_opt.functional.grouped_galore_adamw_update` for the exceptions and the
+            bound). Per matrix in any case: first steps, galore_torch numerics, both sides
+            projected, full-rank matrices, FSDP2 (DTensor) parameters and ``step_param``
+            (layer-wise). The state stays per parameter in the same keys; on the grouped path
+            each value is a view of one buffer per group (checkpoints hold the same bytes and load
+            into either path).
 
     Notes:
         ``rank >= min(m, n)`` under torch numerics updates that parameter in full (the AdamW
@@ -66,6 +94,14 @@ class GaLoreAdamW(GaLoreOptimizer):
         the power iteration that computes the new basis from the same gradient (galore_torch
         numerics refresh first and project with the new basis, as galore-torch does).
         The optimizer state holds tensors only and loads with ``torch.load(weights_only=True)``.
+
+        ``capturable`` (in torch's sense: a step that a CUDA graph can capture and replay) is not
+        offered. The step count is a CPU tensor read on the host (no device sync), and the bias
+        corrections, the refresh schedule and the grouping are computed from it in Python, so a
+        captured step would replay its first step's constants; the step itself allocates only
+        value-independent shapes and reads no device value (``tests/test_fake_cuda_and_meta.py``).
+        Under ``torch.compile`` the step runs eagerly (a graph break, ``torch._disable_dynamo``):
+        the model's forward and backward are compiled, the optimizer gives the uncompiled numbers.
     """
 
     def __init__(
@@ -80,6 +116,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         impl: str = "auto",
         seed: int = 0,
         correct_bias: bool = True,
+        foreach: bool | None = None,
     ) -> None:
         if numerics not in C.NUMERICS:
             raise ValueError(f"Invalid numerics: {numerics!r} - must be one of {C.NUMERICS}")
@@ -98,8 +135,14 @@ class GaLoreAdamW(GaLoreOptimizer):
         )
         if not correct_bias and numerics == "torch":
             raise ValueError("correct_bias=False exists only under numerics='galore_torch'")
+        if foreach not in (None, True, False):
+            raise ValueError(f"Invalid foreach: {foreach!r} - must be None, True or False")
         super().__init__(params, {**defaults, "seed": seed})
+        self.defaults["foreach"] = foreach
 
+    _optimizer_wide_defaults = (*GaLoreOptimizer._optimizer_wide_defaults, "foreach")
+
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Perform one optimization step; ``closure`` re-evaluates the model and returns the loss."""
@@ -107,10 +150,188 @@ class GaLoreAdamW(GaLoreOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, index in self._iter_params():
+        entries = list(self._iter_params())
+        if self.defaults.get("foreach") is not False:
+            entries = self._grouped_step(entries)
+        for group, p, index in entries:
             with self._whole_state(p):
                 self._step_one(group, p, index)
         return loss
+
+    def _grouped_step(self, entries: list) -> list:
+        """Update at once, one shape group at a time, the parameters that the dispatch
+        (:func:`galore_opt.functional.use_grouped`) sends to the grouped path; return the others
+        ``(group, param, index)`` for the per-matrix path.
+
+        Grouped: GaLore matrices (torch numerics, one side projected, plain fp moments) whose
+        state exists and whose basis is not refreshed this step, batched by (shape, side, rank,
+        dtypes, device, hyperparameters, step): :func:`grouped_galore_adamw_update`; and
+        full-size parameters with moments in their dtype (torch numerics), per param group:
+        :func:`multi_tensor_adamw` (PyTorch's foreach AdamW). Per matrix: a first step (the state
+        and the first basis are built), a refresh step (the refresh needs the matrix's own
+        gradient and projected gradient), galore_torch numerics (galore-torch's arithmetic,
+        kept op for op), both sides projected, full-rank GaLore matrices, 8-bit moments,
+        FSDP2 (DTensor) parameters and whatever the per-matrix fused kernels take.
+        """
+        rest: list = []
+        impls: dict = {}
+        full: dict = {}
+        candidates: dict = {}
+        foreach = self.defaults.get("foreach")
+        state_of = self.state
+        for entry in entries:
+            group, p, _ = entry
+            state = state_of.get(p)
+            if (
+                not state
+                or C.STEP not in state
+                or group["numerics"] != "torch"
+                or type(p) not in _PLAIN and _is_dtensor(p)  # FSDP2 parameters: per matrix
+            ):
+                rest.append(entry)
+                continue
+            key = (group["impl"], p.device)
+            grouped = impls.get(key)
+            if grouped is None:
+                grouped = impls[key] = use_grouped(foreach, resolve_impl(group["impl"], p, self._kernel))
+            exp_avg = state.get(C.EXP_AVG)
+            grad = p.grad
+            if not grouped:
+                rest.append(entry)
+                continue
+            if "rank" not in group:
+                if (
+                    exp_avg is not None
+                    and exp_avg.dtype == p.dtype == grad.dtype
+                    and exp_avg.shape == p.shape
+                    and (p.numel() <= CPU_SLICE or p.device.type != "cpu")  # larger: sliced per tensor
+                ):
+                    full.setdefault(id(group), (group, []))[1].append(p)
+                else:
+                    rest.append(entry)
+                continue
+            if p.dim() != 2 or (left := state.get(C.BASIS_LEFT)) is not None and C.BASIS_RIGHT in state:
+                rest.append(entry)
+                continue
+            basis = left if left is not None else state.get(C.BASIS_RIGHT)
+            if basis is None or (moments := self._grouped_moments(state)) is None:
+                rest.append(entry)
+                continue
+            candidates.setdefault(id(group), (group, []))[1].append((entry, state, basis, left is not None, moments))
+        for group, params in full.values():
+            beta1, beta2 = group["betas"]
+            states = [state_of[p] for p in params]
+            by_step: dict = {}
+            for p, state, step in zip(params, states, _values([s[C.STEP] for s in states])):
+                by_step.setdefault((p.device, p.dtype, step), []).append((p, state))
+            for (_, _, step), members in by_step.items():
+                multi_tensor_adamw(
+                    [p for p, _ in members], [p.grad for p, _ in members], [s[C.EXP_AVG] for _, s in members],
+                    [s[C.EXP_AVG_SQ] for _, s in members], [s[C.STEP] for _, s in members], step=step + 1,
+                    lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+                )  # fmt: skip
+        buckets: dict = {}
+        for group, members in candidates.values():
+            # every step count of the group in one read (CPU tensors: no device sync)
+            steps = _values([member[1][C.STEP] for member in members])
+            offsets = [member[1].get(C.REFRESH_OFFSET) for member in members]
+            offset_values = iter(_values([o for o in offsets if o is not None]))
+            gap = group["update_proj_gap"]
+            hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
+            for (entry, state, basis, left, moments), step, offset in zip(members, steps, offsets):
+                offset = 0 if offset is None else next(offset_values)
+                p = entry[1]
+                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, hyper, step)
+                # a warm refresh due on this step follows the update (deferred, see _refresh_if_due)
+                buckets.setdefault(key, []).append((entry, state, basis, _warm_refresh_due(step, offset, gap)))
+        supers: dict = {}
+        for key, members in buckets.items():
+            if len(members) == 1:  # a batch of one gains nothing
+                rest.append(members[0][0])
+                continue
+            supers.setdefault((key[2], key[7]), []).append((key, members))
+        for (_, moments), shape_groups in supers.items():
+            # the state of all shape groups with this moment layout: one flat buffer per key
+            states = [member[1] for _, members in shape_groups for member in members]
+            flats = self._flat_state(states, (*moments[0], C.STEP))
+            step_t = flats[-1]
+            if isinstance(step_t, torch.Tensor):
+                step_t.add_(1)
+            else:
+                torch._foreach_add_(step_t, 1)
+            flat_m, flat_v = self._load_stacked(flats[:-1])
+            offset = 0
+            for key, members in shape_groups:
+                left, step, (lr, beta1, beta2, eps, weight_decay, scale) = key[4], key[-1], key[-2]
+                low_shape = members[0][1][moments[0][0]].shape
+                count = len(members) * math.prod(low_shape)
+                exp_avg = flat_m.narrow(0, offset, count).view(len(members), *low_shape)
+                exp_avg_sq = flat_v.narrow(0, offset, count).view(len(members), *low_shape)
+                offset += count
+                params = [entry[1] for entry, _, _, _ in members]
+                side = C.LEFT if left else C.RIGHT
+                due = [i for i, member in enumerate(members) if member[3]]
+                projected = grouped_galore_adamw_update(
+                    params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
+                    step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
+                    keep_projected=bool(due),
+                )  # fmt: skip
+                for i in due:
+                    group, p, index = members[i][0]
+                    self._refresh(p, p.grad, group, index, side, int(step), projected=projected[i])
+            self._store_stacked(flats[:-1], flat_m, flat_v)
+        return rest
+
+    def _grouped_moments(self, state: dict[str, Any]) -> tuple | None:
+        """How a GaLore parameter's moments are stacked on the grouped path: ``(keys, dtypes)``
+        (part of the shape-group key), or ``None``: per matrix."""
+        exp_avg, exp_avg_sq = state.get(C.EXP_AVG), state.get(C.EXP_AVG_SQ)
+        if exp_avg is None or exp_avg_sq is None:
+            return None
+        return (C.EXP_AVG, C.EXP_AVG_SQ), (exp_avg.dtype, exp_avg_sq.dtype)
+
+    def _load_stacked(self, stacks: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stacked moments to update from the stacked state of :meth:`_grouped_moments`' keys."""
+        return stacks[0], stacks[1]
+
+    def _store_stacked(self, stacks: tuple, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        pass  # updated in place
+
+    def _flat_state(self, states: list, keys: tuple) -> tuple:
+        """The state tensors under ``keys`` (the moments, and the step counts last) of the given
+        parameters' states, each key's as one flat 1-D buffer in which every state holds a view of
+        its own shape (consecutive, in order).
+
+        The state stays per parameter, in the same keys, shapes and dtypes; the grouped update
+        (and 8-bit block-wise quantization) then runs once over a buffer instead of once per
+        tensor. ``torch.save`` writes a shared storage once: a checkpoint holds the same bytes as
+        before. Where the views are not (or no longer) there (the first grouped step, a loaded
+        checkpoint, parameters that changed), the buffer is rebuilt from the current values (one
+        copy) and the views put into the states. Step counts share a buffer only when they are
+        plain tensors (a fake tensor's value would be lost): otherwise the list of them.
+        """
+        cache = self.__dict__.setdefault("_flat_views", {})  # id(buffer) -> (buffer, its views)
+        flats = []
+        for key in keys:
+            values = [state[key] for state in states]
+            base = values[0]._base
+            hit = cache.get(id(base)) if base is not None else None
+            if hit is not None and hit[0] is base and len(hit[1]) == len(values) and all(map(operator.is_, values, hit[1])):
+                flats.append(base)
+                continue
+            if key == C.STEP and not all(type(v) is torch.Tensor for v in values):
+                flats.append(values)
+                continue
+            flat = _flat_base(values)
+            if flat is None:
+                flat = torch.cat([v.reshape(-1) for v in values])
+                for state, piece, value in zip(states, flat.split([v.numel() for v in values]), values):
+                    state[key] = piece.view(value.shape)
+            for old in {id(v._base) for v in values if v._base is not None}:
+                cache.pop(old, None)
+            cache[id(flat)] = (flat, tuple(state[key] for state in states))
+            flats.append(flat)
+        return tuple(flats)
 
     #: the fused kernel of galore_opt.kernels this optimizer can use (None: reference only)
     _kernel: str | None = "galore_adamw"
@@ -159,6 +380,7 @@ class GaLoreAdamW(GaLoreOptimizer):
         """Update a full-size (non-GaLore) parameter another way; False: the default path."""
         return False
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step_param(self, p: torch.Tensor, low_rank_grad: torch.Tensor | None = None) -> None:
         """Update only ``p`` (optimizer-in-backward). ``low_rank_grad``: the gradient already
@@ -336,6 +558,30 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     def _store_moments(self, state: dict[str, Any], exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
         pass  # updated in place
+
+
+def _flat_base(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """The 1-D contiguous buffer whose consecutive pieces, in order, ``tensors`` are (contiguous
+    views), or ``None``."""
+    base = tensors[0]._base
+    if base is None or base.dim() != 1 or not base.is_contiguous() or base.storage_offset() != 0:
+        return None
+    offset = 0
+    for t in tensors:
+        if t._base is not base or t.storage_offset() != offset or not t.is_contiguous():
+            return None
+        offset += t.numel()
+    return base if offset == base.numel() else None
+
+
+def _values(cpu_scalars: list[torch.Tensor]) -> list[float]:
+    """The values of 0-dim CPU tensors (step counts, refresh offsets): one stacked read for plain
+    tensors; one read each for others (a fake tensor's value is known only per tensor)."""
+    if not cpu_scalars:
+        return []
+    if all(type(t) is torch.Tensor for t in cpu_scalars):
+        return torch.stack(cpu_scalars).tolist()
+    return [t.item() for t in cpu_scalars]
 
 
 def _is_dtensor(t: torch.Tensor) -> bool:

@@ -23,6 +23,12 @@ from ..quant import (
 )
 from .galore_adamw import GaLoreAdamW
 
+#: elements per quantization pass on the grouped path (whole blocks): one pass over the 8-bit
+#: moments of all grouped matrices of a small model; at most ~70 MB of temporaries (17 bytes per
+#: element, see quant.quantize_blockwise) whatever the model's size
+_GROUPED_QUANT_CHUNK = 1 << 22
+_STACKED_8BIT = (C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX)
+
 
 class GaLoreAdamW8bit(GaLoreAdamW):
     r"""GaLoreAdamW whose moments are stored in block-wise 8-bit (Dettmers et al., 2022).
@@ -86,6 +92,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         seed: int = 0,
         block_size: int = DEFAULT_BLOCK_SIZE,
         min_8bit_size: int = SMALL_TENSOR_THRESHOLD,
+        foreach: bool | None = None,
     ) -> None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"Invalid block_size: {block_size!r} - must be an int >= 1")
@@ -94,7 +101,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         self._block_size = block_size
         self._min_8bit_size = min_8bit_size
         self._maps: dict[tuple[bool, torch.device], Tensor] = {}
-        super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed)
+        super().__init__(params, lr, betas, eps, weight_decay, numerics=numerics, impl=impl, seed=seed, foreach=foreach)
         self.defaults.update(block_size=block_size, min_8bit_size=min_8bit_size)
 
     _kernel = "adamw8bit"
@@ -181,6 +188,37 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             quantize_blockwise(m, signed, block, out=(codes_m, amax_m))
             quantize_blockwise(v, unsigned, block, out=(codes_v, amax_v))
         return True
+
+    def _grouped_moments(self, state: dict[str, Any]) -> tuple | None:
+        """8-bit moments stack when their blocks do not straddle two matrices (elements a multiple
+        of ``block_size``): block-wise quantization of the stacked codes is then the per-matrix
+        one, block for block."""
+        codes = state.get(C.EXP_AVG_CODES)
+        if codes is None:
+            return super()._grouped_moments(state)
+        if codes.numel() % self._block_size or not codes.is_contiguous():
+            return None
+        return _STACKED_8BIT, ()
+
+    def _load_stacked(self, stacks: tuple) -> tuple[Tensor, Tensor]:
+        if len(stacks) == 2:
+            return super()._load_stacked(stacks)
+        m_codes, m_absmax, v_codes, v_absmax = stacks
+        device, block = m_codes.device, self._block_size
+        return (
+            dequantize_blockwise(m_codes, m_absmax, self._map(True, device), block, m_codes.shape, torch.float32,
+                                 chunk_size=_GROUPED_QUANT_CHUNK),
+            dequantize_blockwise(v_codes, v_absmax, self._map(False, device), block, v_codes.shape, torch.float32,
+                                 chunk_size=_GROUPED_QUANT_CHUNK),
+        )
+
+    def _store_stacked(self, stacks: tuple, exp_avg: Tensor, exp_avg_sq: Tensor) -> None:
+        if len(stacks) == 2:
+            return
+        m_codes, m_absmax, v_codes, v_absmax = stacks
+        block = self._block_size
+        quantize_blockwise(exp_avg, self._map(True, exp_avg.device), block, out=(m_codes, m_absmax), chunk_size=_GROUPED_QUANT_CHUNK)
+        quantize_blockwise(exp_avg_sq, self._map(False, exp_avg.device), block, out=(v_codes, v_absmax), chunk_size=_GROUPED_QUANT_CHUNK)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         if "rank" in group and group.get("basis_dtype") is None:
