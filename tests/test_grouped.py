@@ -81,9 +81,10 @@ def test_grouped_step_with_one_gemm_per_matrix_equals_per_matrix(dtype, basis_dt
 
     monkeypatch.setattr(F, "BATCHED_GEMM_MAX_ELEMENTS", {"cpu": 0})
     monkeypatch.setattr(F, "CPU_SLICE", 100)
+    shapes = [s for s in SHAPES if s != (1100, 1000)]  # 11,000 slices of 100 would only cost time here
     runs = []
     for foreach in (False, None):
-        params = _params(SHAPES, dtype)
+        params = _params(shapes, dtype)
         opt = GaLoreAdamW(
             _groups(params, basis_dtype=basis_dtype), lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, foreach=foreach
         )
