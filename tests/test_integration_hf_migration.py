@@ -11,6 +11,8 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+from _trainer_args import logged_losses, trainer_args  # noqa: E402
+
 from galore_opt import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups  # noqa: E402
 from galore_opt.integrations.transformers import (  # noqa: E402
     HF_OPTIM_NAMES,
@@ -78,30 +80,11 @@ MODELS = {
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        max_steps=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        optim_target_modules=["attn", "mlp"],
-        optim_args="rank=4,update_proj_gap=3,scale=0.25",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-    )
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return trainer_args(tmp_path, **kw)
 
 
 def _losses(trainer):
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return logged_losses(trainer)
 
 
 def _inner(optimizer):

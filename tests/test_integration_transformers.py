@@ -5,6 +5,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from _trainer_args import logged_losses, trainer_args  # noqa: E402
+
 from galore_opt import GaLoreAdamW, GaLoreAdamW8bit  # noqa: E402
 from galore_opt.integrations.transformers import GaLoreTrainer, galore_optimizer, parse_optim_args  # noqa: E402
 from galore_opt.layerwise import LayerwiseOptimizer  # noqa: E402
@@ -36,30 +38,11 @@ def _model():
 
 
 def _args(tmp_path, **kw):
-    base = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=8,
-        learning_rate=3e-3,
-        max_steps=6,
-        logging_steps=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=0,
-        data_seed=0,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        optim_target_modules=["attn", "mlp"],
-        optim_args="rank=4,update_proj_gap=3,scale=0.5",
-        lr_scheduler_type="constant",
-        max_grad_norm=1e9,
-    )
-    base.update(kw)
-    return transformers.TrainingArguments(**base)
+    return trainer_args(tmp_path, **{"optim_args": "rank=4,update_proj_gap=3,scale=0.5", "max_grad_norm": 1e9, **kw})
 
 
 def _losses(trainer):
-    return [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    return logged_losses(trainer)
 
 
 def test_optim_args_are_parsed_typed_and_validated():
