@@ -299,6 +299,11 @@ def _full_spectrum_authors(graph: BipartiteGraph, method: str, min_group: int) -
         c = max(n_s, n_r) / (n_s + n_r - 1)
         terms_r.append(c * sub_dr)
         terms_l.append(c * _sigma_gap(w[idx], method))
+    return _full_spectrum_result(delta_r, lam, terms_r, terms_l)
+
+
+def _full_spectrum_result(delta_r: float, lam: float, terms_r: list[float], terms_l: list[float]) -> dict[str, float]:
+    """The coordinate from the layer's gaps and its subgraphs' weighted terms (averaged; 0 if none)."""
     imdb_r = sum(terms_r) / len(terms_r) if terms_r else 0.0
     imdb_l = sum(terms_l) / len(terms_l) if terms_l else 0.0
     norm = math.sqrt(delta_r**2 + lam**2 + imdb_r**2 + imdb_l**2)
@@ -337,17 +342,7 @@ def full_spectrum(
         dr, dl, c = _subgraph_gaps_library(graph, idx, method)
         terms_r.append(c * dr)
         terms_l.append(c * dl)
-    imdb_r = sum(terms_r) / len(terms_r) if terms_r else 0.0
-    imdb_l = sum(terms_l) / len(terms_l) if terms_l else 0.0
-    norm = math.sqrt(delta_r**2 + lam**2 + imdb_r**2 + imdb_l**2)
-    return dict(
-        fs_delta_r=delta_r,
-        fs_lambda=lam,
-        fs_imdb_r=imdb_r,
-        fs_imdb_lambda=imdb_l,
-        fs_norm=norm,
-        fs_subgraphs=float(len(terms_r)),
-    )
+    return _full_spectrum_result(delta_r, lam, terms_r, terms_l)
 
 
 @dataclass

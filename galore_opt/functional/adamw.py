@@ -245,7 +245,8 @@ def multi_tensor_adamw(
     torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
 
 
-def _lowrank_adam(low, exp_avg, exp_avg_sq, beta1, beta2, eps, bias_correction2) -> None:
+def _lowrank_moments(low, exp_avg, exp_avg_sq, beta1, beta2) -> None:
+    """The moments' update of the low-rank Adam step, in place (torch AdamW's ops)."""
     exp_avg.lerp_(low, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1 - beta2)
 
@@ -333,10 +334,10 @@ def grouped_galore_adamw_update(
             flat = [t.view(-1) for t in (low, m_t, v_t, norm)]
             for i in range(0, m_t.numel(), CPU_SLICE):
                 g, mm, vv, out = (t[i : i + CPU_SLICE] for t in flat)
-                _lowrank_adam(g, mm, vv, beta1, beta2, eps, bias_correction2)
+                _lowrank_moments(g, mm, vv, beta1, beta2)
                 torch.div(mm, vv.sqrt().div_(bias_correction2**0.5).add_(eps), out=out)
         else:
-            _lowrank_adam(low, m_t, v_t, beta1, beta2, eps, bias_correction2)
+            _lowrank_moments(low, m_t, v_t, beta1, beta2)
             norm = m_t / v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
         del low
         if norm.dtype != compute_dtype:
