@@ -18,7 +18,9 @@ on a step where its basis is refreshed it keeps the full accumulated gradient in
 refresh is exact. Other parameters accumulate in ``p.grad`` as usual. The result equals the
 non-layer-wise optimizer with the same accumulation up to floating-point reassociation.
 
-Gradient norm and clipping: the norm of every gradient applied is summed during backward;
+Gradient norm and clipping: ``torch.nn.utils.clip_grad_norm_`` (and ``clip_grad_value_``) on
+parameters this object updates raises while it is attached: the gradients are already applied and
+freed, so torch's function would clip nothing and return 0 or a partial norm. The norm of every gradient applied is summed during backward;
 :attr:`grad_norm` is the global norm of the last update (exact without accumulation, and for every
 parameter that accumulated in full; for a GaLore parameter that accumulated its projection it is
 the norm of the projected gradient, i.e. of the part the optimizer uses). Clipping cannot wait for
@@ -35,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import _clip_guard
 from .optim.base import GaLoreOptimizer
 
 CLIP_MODES = (None, "previous", "parameter")
@@ -124,6 +127,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._handles: list[Any] = []
         self._unhooked: list[Tensor] = []  # frozen when wrapped: hooked once they require grad
         self._attach([p for g in groups for p in g["params"]])
+        _clip_guard.attach(self)  # torch's clip_grad_norm_ on our parameters raises (see there)
+
+    def _owns_any(self, ids: set[int]) -> bool:
+        """Whether any of these ``id(param)`` is updated inside backward by this object now."""
+        return (bool(self._handles) or self._ddp) and not ids.isdisjoint(self._owner)
 
     def _attach(self, params: list[Tensor]) -> None:
         for p in params:
@@ -437,6 +445,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._owner = {id(p): o for o in self.optimizers for g in o.param_groups for p in g["params"]}
         self._handles, self._unhooked = [], []
         self._attach([p for g in self.param_groups for p in g["params"]])
+        _clip_guard.attach(self)
 
     @property
     def state(self):  # every inner optimizer's per-parameter state, read-only view

@@ -349,6 +349,14 @@ def _make_trainer_class():
                 )  # fmt: skip
             return self.optimizer
 
+        def _get_grad_norm(self, model, grad_norm=None):
+            # transformers >= 5 measures the norm with clip_grad_norm_(..., inf) after backward,
+            # when the layer-wise updates have freed the gradients: take the optimizer's instead
+            if self.galore_layerwise and grad_norm is None:
+                norm = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "grad_norm", None)
+                return norm
+            return super()._get_grad_norm(model, grad_norm=grad_norm)
+
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self.galore_layerwise and "loss" in logs:
                 # the Trainer's own grad_norm reads .grad after backward, when layer-wise updates
