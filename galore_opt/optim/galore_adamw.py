@@ -20,7 +20,7 @@ from ..functional import (
     resolve_impl,
     use_grouped,
 )
-from ..functional.adamw import CPU_SLICE, bases_for_compute
+from ..functional.adamw import CPU_SLICE, bases_for_compute, residual_update
 from ..projector import project
 from .base import GaLoreOptimizer, _warm_refresh_due
 
@@ -187,6 +187,7 @@ class GaLoreAdamW(GaLoreOptimizer):
                 or C.STEP not in state
                 or group["numerics"] != "torch"
                 or type(p) not in _PLAIN and _is_dtensor(p)  # FSDP2 parameters: per matrix
+                or group.get("residual")  # the residual term: per matrix (functional.residual_update)
             ):
                 rest.append(entry)
                 continue
@@ -354,7 +355,37 @@ class GaLoreAdamW(GaLoreOptimizer):
         beta1, beta2 = group["betas"]
         norm = kernel_ops().lowrank_adam(low, exp_avg, exp_avg_sq, beta1, beta2, group["eps"], step, compute_dtype)
         self._fused_update(param, norm, left_c, right_c, group, step)
+        self._fused_residual(param, grad, state, low, norm, left_c, right_c, group, step)
         return True
+
+    def _residual_args(self, group, state, left, right, device) -> dict:
+        """The residual keyword arguments of :func:`galore_adamw_update` for this parameter (empty:
+        no residual term, also for a parameter updated in full, whose residual is zero), creating
+        the limiter's state scalar (+inf: nothing to limit against yet) on its first use."""
+        if not group.get("residual") or (left is None) == (right is None):
+            return {}
+        limit = group["residual_limit"]
+        prev = None
+        if limit is not None:
+            prev = state.get(C.RESIDUAL_NORM)
+            if prev is None:
+                prev = state[C.RESIDUAL_NORM] = torch.full((), math.inf, dtype=torch.float32, device=device)
+        return dict(residual=group["residual_scaling"], residual_limit=limit, residual_norm=prev)
+
+    def _fused_residual(self, param, grad, state, low, norm, left_c, right_c, group, step) -> None:
+        """After the fused low-rank update: the residual term in torch ops (a full-size
+        temporary, one GEMM, reductions and two elementwise passes; no host read), the same
+        arithmetic as the reference path (:func:`galore_adamw_update`, torch numerics)."""
+        args = self._residual_args(group, state, left_c, right_c, param.device)
+        if not args:
+            return
+        beta1, beta2 = group["betas"]
+        compute_dtype = (left_c if left_c is not None else right_c).dtype
+        term = residual_update(
+            grad.to(compute_dtype), low, norm, left_c, right_c, scaling=args["residual"],
+            limit=args["residual_limit"], prev_norm=args["residual_norm"], norm_unit=1.0 / (1 - beta2**step) ** 0.5,
+        )  # fmt: skip
+        param.add_(term.to(param.dtype), alpha=-group["lr"] / (1 - beta1**step))
 
     @staticmethod
     def _fused_project(param, grad, state, left, right, low):
@@ -391,6 +422,8 @@ class GaLoreAdamW(GaLoreOptimizer):
                 self._step_one(group, q, index, low_rank_grad)
 
     _supports_low_rank_grad = True
+
+    _supports_residual = True
 
     def _step_one(self, group, p, index, low_rank_grad=None) -> None:
         state = self.state[p]
@@ -466,6 +499,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             right,
             scale=group["scale"],
             low=low,
+            **self._residual_args(group, state, left, right, param.device),
             **hyper,
         )
         self._store_moments(state, exp_avg, exp_avg_sq)
@@ -490,6 +524,8 @@ class GaLoreAdamW(GaLoreOptimizer):
             raise NotImplementedError(f"{type(self).__name__} does not support FSDP2-sharded (DTensor) parameters yet")
         if low_rank_grad is not None:
             raise NotImplementedError("layer-wise accumulation of sharded (FSDP2) parameters is not supported")
+        if group.get("residual"):
+            raise NotImplementedError("residual=True is not supported for FSDP2-sharded (DTensor) parameters yet")
         if p.grad is None:
             return
         mesh, placements = p.device_mesh, p.placements
