@@ -195,7 +195,8 @@ def residual_update(
         limiter = torch.where(ratio > limit, ratio / limit, torch.ones_like(ratio))
         factor = factor / limiter
         limited = s / limiter
-        prev_norm.copy_(torch.where(torch.isfinite(limited), limited, prev_norm))
+        # where(out=), not copy_: a fake CUDA tensor's copy_ needs a CUDA build (FakeTensorMode)
+        torch.where(torch.isfinite(limited), limited, prev_norm, out=prev_norm)
     out.mul_(factor)
     return out
 
