@@ -188,6 +188,18 @@ def test_functional_residual_needs_the_gradient_and_one_side():
         residual_update(g, p.T @ g, p.T @ g, p, None, limit=1.01)
 
 
+def test_non_finite_residual_norm_is_not_stored():
+    g = _rand((6, 10), 1)
+    p, _ = torch.linalg.qr(_rand((6, 2), 2))
+    prev = torch.tensor(5.0)
+    bad = g.clone()
+    bad[0, 0] = math.nan
+    term = residual_update(bad, p.T @ bad, p.T @ bad, p, None, limit=1.01, prev_norm=prev)
+    assert term.isnan().any() and float(prev) == 5.0  # this step is NaN; the next compares with 5
+    residual_update(g, p.T @ g, p.T @ g, p, None, limit=1.01, prev_norm=prev)
+    assert math.isfinite(float(prev)) and float(prev) <= 5.0 * 1.01 + 1e-6
+
+
 # --- keys and validation ---------------------------------------------------------------------------
 
 

@@ -54,7 +54,11 @@ class GaLoreAdamW(GaLoreOptimizer):
             previous basis; ``"randomized"``; ``"svd"``), ``power_iters``, ``oversample`` (8),
             ``stagger_refresh`` (spread refreshes over the gap), ``align_basis`` (rotate a new
             basis towards the old one so kept moments stay meaningful), ``basis_dtype`` (None: the
-            parameter's dtype, as galore-torch; or ``"float32"``).
+            parameter's dtype, as galore-torch; or ``"float32"``), ``residual`` (False; True:
+            Fira's residual compensation, the out-of-subspace gradient ``G - P P^T G`` scaled by
+            ``||N|| / ||R||`` added to the update, see ``docs/residual.md``),
+            ``residual_scaling`` (``"column"`` or ``"matrix"``), ``residual_limit`` (1.01: the
+            residual norm grows by at most this factor per step; None: no limiter).
         lr: learning rate (default 1e-3).
         betas: coefficients of the moment averages (default (0.9, 0.999)).
         eps: added to the denominator; ``None`` means 1e-8 (``numerics="torch"``) or 1e-6
