@@ -374,6 +374,9 @@ def grouped_galore_adamw_update(
     scale: float,
     chunk: int = GROUP_CHUNK,
     keep_projected: bool = False,
+    residual: str | None = None,
+    residual_limit: float | None = None,
+    residual_norms: list[Tensor | None] | None = None,
 ) -> list[Tensor] | None:
     """:func:`galore_adamw_update` (torch numerics, one side projected) of a *shape group*: 2-D
     parameters of one shape, dtype and device, their gradients (one dtype) and bases (one shape
@@ -396,6 +399,11 @@ def grouped_galore_adamw_update(
     (bit for bit), but another kernel for tiny products (``m n r < 400``: a plain loop) and may
     for some large ones (oneDNN): there the result differs from the per-matrix path by the
     reassociation of one GEMM's sums (the tolerance table's ``grouped_gemm`` bound, tested).
+
+    ``residual`` / ``residual_limit`` / ``residual_norms`` (one limiter scalar per matrix): Fira's
+    residual term as :func:`galore_adamw_update` adds it, computed per matrix
+    (:func:`residual_update`) after the group's low-rank update, from the same projected gradient
+    and Adam direction: the per-matrix path's ops on the per-matrix path's operands.
     """
     if not params:
         return None
@@ -433,6 +441,7 @@ def grouped_galore_adamw_update(
                 torch.mm(b.t(), g, out=out) if left else torch.mm(g, b.t(), out=out)
         if projected is not None:
             projected.extend(low.unbind(0))
+        low_c = low if residual is not None else None  # R in the projection's dtype, for the residual
         if low.dtype != m_t.dtype:
             low = low.to(m_t.dtype)
         if m_t.device.type == "cpu" and m_t.numel() > CPU_SLICE:  # slices: temporaries stay in cache (CPU_SLICE)
@@ -446,6 +455,7 @@ def grouped_galore_adamw_update(
             _lowrank_moments(low, m_t, v_t, beta1, beta2)
             norm = m_t / v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
         del low
+        direction = norm  # the Adam direction in the moments' dtype, as the residual's reference reads it
         if norm.dtype != compute_dtype:
             norm = norm.to(compute_dtype)
         if not batched:
@@ -455,6 +465,9 @@ def grouped_galore_adamw_update(
                     p.addmm_(x, y, alpha=alpha)
                 else:
                     p.add_((x @ y).to(p.dtype), alpha=alpha)
+            if residual is not None:
+                _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, compute_dtype, step, lr,
+                                  beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
             continue
         a, b = (basis, norm) if left else (norm, basis)
         if compute_dtype == ps[0].dtype:  # one GEMM accumulating into the (stacked) weights
@@ -464,4 +477,25 @@ def grouped_galore_adamw_update(
         else:
             update = torch.bmm(a, b).to(ps[0].dtype)
             torch._foreach_add_(ps, update.unbind(0), alpha=alpha)
+        if residual is not None:
+            _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, compute_dtype, step, lr,
+                              beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
     return projected
+
+
+def _grouped_residual(params, grads, low, direction, bases, left, compute_dtype, step, lr, beta1, beta2,
+                      scaling, limit, prev_norms) -> None:  # fmt: skip
+    """The residual terms of a chunk of a shape group, matrix by matrix, as
+    :func:`galore_adamw_update` (torch numerics) adds them."""
+    bias_correction1 = 1 - beta1**step
+    norm_unit = 1.0 / (1 - beta2**step) ** 0.5
+    # unbind, not [i]: Python indexing takes a device guard that a fake CUDA tensor on a CPU-only
+    # build cannot (FakeTensorMode)
+    if isinstance(bases, Tensor):
+        bases = bases.unbind(0)
+    for p, g, b, r, n, prev in zip(params, grads, bases, low.unbind(0), direction.unbind(0), prev_norms):
+        term = residual_update(
+            g.to(compute_dtype), r, n, b if left else None, None if left else b, scaling=scaling, limit=limit,
+            prev_norm=prev, norm_unit=norm_unit,
+        )  # fmt: skip
+        p.add_(term.to(p.dtype), alpha=-lr / bias_correction1)

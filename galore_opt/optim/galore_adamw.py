@@ -169,7 +169,9 @@ class GaLoreAdamW(GaLoreOptimizer):
 
         Grouped: GaLore matrices (torch numerics, one side projected, plain fp moments) whose
         state exists and whose basis is not refreshed this step, batched by (shape, side, rank,
-        dtypes, device, hyperparameters, step): :func:`grouped_galore_adamw_update`; and
+        dtypes, device, hyperparameters, residual settings, step):
+        :func:`grouped_galore_adamw_update` (the residual term, if on, per matrix after the
+        group's low-rank update); and
         full-size parameters with moments in their dtype (torch numerics), per param group:
         :func:`multi_tensor_adamw` (PyTorch's foreach AdamW). Per matrix: a first step (the state
         and the first basis are built), a refresh step (the refresh needs the matrix's own
@@ -191,7 +193,6 @@ class GaLoreAdamW(GaLoreOptimizer):
                 or C.STEP not in state
                 or group["numerics"] != "torch"
                 or type(p) not in _PLAIN and _is_dtensor(p)  # FSDP2 parameters: per matrix
-                or group.get("residual")  # the residual term: per matrix (functional.residual_update)
             ):
                 rest.append(entry)
                 continue
@@ -243,10 +244,12 @@ class GaLoreAdamW(GaLoreOptimizer):
             offset_values = iter(_values([o for o in offsets if o is not None]))
             gap = group["update_proj_gap"]
             hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
+            residual = (group["residual_scaling"], group["residual_limit"]) if group.get("residual") else None
             for (entry, state, basis, left, moments), step, offset in zip(members, steps, offsets):
                 offset = 0 if offset is None else next(offset_values)
                 p = entry[1]
-                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, hyper, step)
+                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, residual, hyper,
+                       step)  # fmt: skip
                 # a warm refresh due on this step follows the update (deferred, see _refresh_if_due)
                 buckets.setdefault(key, []).append((entry, state, basis, _warm_refresh_due(step, offset, gap)))
         supers: dict = {}
@@ -276,10 +279,18 @@ class GaLoreAdamW(GaLoreOptimizer):
                 params = [entry[1] for entry, _, _, _ in members]
                 side = C.LEFT if left else C.RIGHT
                 due = [i for i, member in enumerate(members) if member[3]]
+                residual = {}
+                if key[-3] is not None:  # Fira's residual term, per matrix after the group's update
+                    scaling, limit = key[-3]
+                    norms = []
+                    for (group, p, _), state, basis, _ in members:
+                        args = self._residual_args(group, state, basis if left else None, None if left else basis, p.device)
+                        norms.append(args["residual_norm"])
+                    residual = dict(residual=scaling, residual_limit=limit, residual_norms=norms)
                 projected = grouped_galore_adamw_update(
                     params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
                     step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                    keep_projected=bool(due),
+                    keep_projected=bool(due), **residual,
                 )  # fmt: skip
                 for i in due:
                     group, p, index = members[i][0]
