@@ -51,7 +51,10 @@ def _fira_reference(w0, grads, bases, *, numerics, lr, betas, eps, weight_decay,
     for t, (g, (side, basis)) in enumerate(zip(grads, bases), 1):
         g, p = g.double(), basis.double()
         r = p.T @ g if side == C.LEFT else g @ p.T
-        back = (lambda x: p @ x) if side == C.LEFT else (lambda x: x @ p)
+
+        def back(x, p=p, left=side == C.LEFT):
+            return p @ x if left else x @ p
+
         m = (1 - b1) * r if m is None else b1 * m + (1 - b1) * r
         v = (1 - b2) * r * r if v is None else b2 * v + (1 - b2) * r * r
         bc1, bc2 = 1 - b1**t, 1 - b2**t
@@ -219,7 +222,9 @@ def test_defaults_and_validation():
     for keys, message in bad:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             GaLoreAdamW([{"params": [w], "rank": 2, **keys}])
-    with pytest.raises(ValueError, match="residual=True is an option of GaLoreAdamW and GaLoreAdamW8bit, not of GaLoreAdafactor"):
+    with pytest.raises(
+        ValueError, match="residual=True is an option of GaLoreAdamW and GaLoreAdamW8bit, not of GaLoreAdafactor"
+    ):
         GaLoreAdafactor([{"params": [w], "rank": 2, "residual": True}])
     with pytest.raises(TypeError, match="got residual=: GaLore keys are param-group keys"):
         GaLoreAdamW([w], residual=True)
@@ -231,7 +236,9 @@ def test_residual_off_is_unchanged():
     shape = (6, 10)
     grads = [_rand(shape, 10 + t) for t in range(7)]
     default, opt, _ = _run(GaLoreAdamW, _rand(shape, 0), grads, rank=2, update_proj_gap=3)
-    off, _, _ = _run(GaLoreAdamW, _rand(shape, 0), grads, rank=2, update_proj_gap=3, residual=False, residual_limit=None)
+    off, _, _ = _run(
+        GaLoreAdamW, _rand(shape, 0), grads, rank=2, update_proj_gap=3, residual=False, residual_limit=None
+    )
     assert torch.equal(default, off)
     assert C.RESIDUAL_NORM not in opt.state[opt.param_groups[0]["params"][0]]
 
@@ -271,14 +278,22 @@ def _train(model, opt, start, stop):
 )  # fmt: skip
 def test_resume_is_bit_exact_and_weights_only(cls, dtype, keys):
     m1 = _model(dtype)
-    o1 = cls(_groups(m1, **keys), lr=1e-2, min_8bit_size=64) if cls is GaLoreAdamW8bit else cls(_groups(m1, **keys), lr=1e-2)
+    o1 = (
+        cls(_groups(m1, **keys), lr=1e-2, min_8bit_size=64)
+        if cls is GaLoreAdamW8bit
+        else cls(_groups(m1, **keys), lr=1e-2)
+    )
     _train(m1, o1, 0, 4)
     buf = io.BytesIO()
     torch.save(o1.state_dict(), buf)
     buf.seek(0)
     saved = torch.load(buf, weights_only=True)
     m2 = copy.deepcopy(m1)
-    o2 = cls(_groups(m2, **keys), lr=1e-2, min_8bit_size=64) if cls is GaLoreAdamW8bit else cls(_groups(m2, **keys), lr=1e-2)
+    o2 = (
+        cls(_groups(m2, **keys), lr=1e-2, min_8bit_size=64)
+        if cls is GaLoreAdamW8bit
+        else cls(_groups(m2, **keys), lr=1e-2)
+    )
     o2.load_state_dict(saved)
     for p in (m2[0].weight, m2[2].weight, m2[4].weight):
         norm = o2.state[p][C.RESIDUAL_NORM]
@@ -347,6 +362,7 @@ def test_grouped_step_keeps_groups_with_other_residual_settings_apart():
                 w.grad = _rand((12, 20), 10 * t + i)
             opt.step()
         return ws
+
     for a, b in zip(run(None), run(False)):
         assert torch.equal(a, b)
 
@@ -433,8 +449,10 @@ def test_cuda_step_on_fake_tensors_composes_the_fused_path_and_never_syncs(cls, 
     (foreach=True: the two 1024 x 1024 matrices form a shape group) with the residual term in
     torch ops, on a cold, steady, warm-refresh and steady step: no host read of a device value."""
     if foreach and cls is GaLoreAdamW8bit:
-        pytest.skip("the grouped 8-bit step slices its codes with [a:b] (quant.py), which fake CUDA tensors "
-                    "on a CPU-only build refuse, with or without residual")
+        pytest.skip(
+            "the grouped 8-bit step slices its codes with [a:b] (quant.py), which fake CUDA tensors "
+            "on a CPU-only build refuse, with or without residual"
+        )
     fused = kernel_available("galore_adamw")
     shapes = [(1024, 2048), (2048, 1024), (1024, 1024), (1024, 1024)]  # left, right, left, left
     with FakeTensorMode():

@@ -284,7 +284,8 @@ class GaLoreAdamW(GaLoreOptimizer):
                     scaling, limit = key[-3]
                     norms = []
                     for (group, p, _), state, basis, _ in members:
-                        args = self._residual_args(group, state, basis if left else None, None if left else basis, p.device)
+                        bases = (basis, None) if left else (None, basis)
+                        args = self._residual_args(group, state, *bases, p.device)
                         norms.append(args["residual_norm"])
                     residual = dict(residual=scaling, residual_limit=limit, residual_norms=norms)
                 projected = grouped_galore_adamw_update(
