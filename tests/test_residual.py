@@ -349,6 +349,26 @@ def test_grouped_step_equals_per_matrix_step(cls, shape, monkeypatch):
         assert torch.equal(o1.state[a][C.RESIDUAL_NORM], o2.state[b][C.RESIDUAL_NORM])
 
 
+@pytest.mark.parametrize("basis_dtype", [None, "float32"])
+def test_grouped_step_equals_per_matrix_step_bf16(basis_dtype):
+    """bf16 weights, with a bf16 basis (the projection in bf16) or an fp32 one (in fp32): the
+    residual copy of G, its scaling and the update (rounded once into the bf16 weight) agree."""
+
+    def run(foreach):
+        torch.manual_seed(0)
+        ws = [nn.Parameter(torch.randn(12, 20, dtype=torch.bfloat16)) for _ in range(3)]
+        group = {"params": ws, "rank": 4, "update_proj_gap": 3, "residual": True, "basis_dtype": basis_dtype}
+        opt = GaLoreAdamW([group], lr=1e-2, foreach=foreach)
+        for t in range(7):
+            for i, w in enumerate(ws):
+                w.grad = _rand((12, 20), 100 * t + i, torch.bfloat16)
+            opt.step()
+        return ws
+
+    for a, b in zip(run(None), run(False)):
+        assert torch.equal(a, b)
+
+
 def test_grouped_step_keeps_groups_with_other_residual_settings_apart():
     def run(foreach):
         torch.manual_seed(0)

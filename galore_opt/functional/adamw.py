@@ -141,7 +141,8 @@ def residual_update(
     prev_norm: Tensor | None = None,
     norm_unit: float = 1.0,
 ) -> Tensor:
-    r"""Fira's residual term (Chen et al., 2024), a new tensor of ``grad``'s shape and dtype.
+    r"""Fira's residual term (Chen et al., 2024), a new tensor of ``grad``'s shape in the bases'
+    dtype (the projection's).
 
     With the gradient :math:`G`, its projection :math:`R` (``low``: :math:`P^\top G` for a left
     basis :math:`P`, :math:`G Q^\top` for a right one :math:`Q`) and the low-rank Adam direction
@@ -154,7 +155,7 @@ def residual_update(
     ``scaling="column"``: one ratio per vector of the *unprojected* dimension (norms over the rank
     dimension: per column of ``R = P^T G`` for a left basis, per row of ``R = G Q^T`` for a right
     one), as Fira's code; ``"matrix"``: one ratio for the matrix. Exactly one of ``left`` /
-    ``right`` is given, in ``grad``'s dtype.
+    ``right`` is given, in the dtype the projection runs in.
 
     ``limit`` (Fira's norm-growth limiter, :math:`\gamma`): ``s = norm_unit * ||S||`` is compared
     with ``prev_norm`` (a 0-dim fp32 tensor, updated in place); where ``s > gamma * prev``, ``S``
@@ -168,7 +169,8 @@ def residual_update(
         raise ValueError("the residual needs exactly one projected side (a left or a right basis)")
     # the norms over the rank dimension: dim 0 of R (r x n) for a left basis, dim 1 of R (m x r)
     dim = 0 if left is not None else 1
-    out = grad.clone(memory_format=torch.contiguous_format)
+    # one copy of G in the bases' dtype (the projection's), the only full-size temporary
+    out = grad.to((left if left is not None else right).dtype, memory_format=torch.contiguous_format, copy=True)
     if left is not None:
         out.addmm_(left, low.to(out.dtype), alpha=-1)
     else:
@@ -262,10 +264,10 @@ def galore_adamw_update(
         add_projected_back(param, norm, left_c, right_c, alpha=-lr * scale / bias_correction1)
         if residual is not None:
             term = residual_update(
-                grad.to(compute_dtype), projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
+                grad, projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
                 prev_norm=residual_norm, norm_unit=1.0 / bias_correction2**0.5,
             )  # fmt: skip
-            param.add_(term.to(param.dtype), alpha=-lr / bias_correction1)
+            param.add_(term, alpha=-lr / bias_correction1)  # rounded once, to the parameter's dtype
         return
 
     exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
@@ -278,7 +280,7 @@ def galore_adamw_update(
     update = project_back(norm.to(compute_dtype), left_c, right_c) * scale
     if residual is not None:
         update += residual_update(
-            grad.to(compute_dtype), projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
+            grad, projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
             prev_norm=residual_norm,
         )  # fmt: skip
     param.add_(update.to(param.dtype), alpha=-step_size)
@@ -466,7 +468,7 @@ def grouped_galore_adamw_update(
                 else:
                     p.add_((x @ y).to(p.dtype), alpha=alpha)
             if residual is not None:
-                _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, compute_dtype, step, lr,
+                _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, step, lr,
                                   beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
             continue
         a, b = (basis, norm) if left else (norm, basis)
@@ -478,12 +480,12 @@ def grouped_galore_adamw_update(
             update = torch.bmm(a, b).to(ps[0].dtype)
             torch._foreach_add_(ps, update.unbind(0), alpha=alpha)
         if residual is not None:
-            _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, compute_dtype, step, lr,
+            _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, step, lr,
                               beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
     return projected
 
 
-def _grouped_residual(params, grads, low, direction, bases, left, compute_dtype, step, lr, beta1, beta2,
+def _grouped_residual(params, grads, low, direction, bases, left, step, lr, beta1, beta2,
                       scaling, limit, prev_norms) -> None:  # fmt: skip
     """The residual terms of a chunk of a shape group, matrix by matrix, as
     :func:`galore_adamw_update` (torch numerics) adds them."""
@@ -495,7 +497,7 @@ def _grouped_residual(params, grads, low, direction, bases, left, compute_dtype,
         bases = bases.unbind(0)
     for p, g, b, r, n, prev in zip(params, grads, bases, low.unbind(0), direction.unbind(0), prev_norms):
         term = residual_update(
-            g.to(compute_dtype), r, n, b if left else None, None if left else b, scaling=scaling, limit=limit,
+            g, r, n, b if left else None, None if left else b, scaling=scaling, limit=limit,
             prev_norm=prev, norm_unit=norm_unit,
         )  # fmt: skip
-        p.add_(term.to(p.dtype), alpha=-lr / bias_correction1)
+        p.add_(term, alpha=-lr / bias_correction1)

@@ -396,12 +396,11 @@ class GaLoreAdamW(GaLoreOptimizer):
         if not args:
             return
         beta1, beta2 = group["betas"]
-        compute_dtype = (left_c if left_c is not None else right_c).dtype
         term = residual_update(
-            grad.to(compute_dtype), low, norm, left_c, right_c, scaling=args["residual"],
+            grad, low, norm, left_c, right_c, scaling=args["residual"],
             limit=args["residual_limit"], prev_norm=args["residual_norm"], norm_unit=1.0 / (1 - beta2**step) ** 0.5,
         )  # fmt: skip
-        param.add_(term.to(param.dtype), alpha=-group["lr"] / (1 - beta1**step))
+        param.add_(term, alpha=-group["lr"] / (1 - beta1**step))
 
     @staticmethod
     def _fused_project(param, grad, state, left, right, low):
