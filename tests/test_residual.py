@@ -515,3 +515,13 @@ def test_runs_on_meta(layerwise):
     assert inner.state[body[0].weight][C.RESIDUAL_NORM].device.type == "meta"
     if layerwise:
         opt.remove_hooks()
+
+
+def test_trainer_optim_args_carry_the_residual_keys():
+    from galore_opt.integrations.transformers import parse_optim_args
+
+    got = parse_optim_args("rank=64,residual=true,residual_scaling=matrix,residual_limit=none")
+    assert got == {"rank": 64, "residual": True, "residual_scaling": "matrix", "residual_limit": None}
+    assert parse_optim_args("residual=0,residual_limit=1.05") == {"residual": False, "residual_limit": 1.05}
+    with pytest.raises(ValueError, match="optim_args residual='maybe' is not a valid bool"):
+        parse_optim_args("residual=maybe")
