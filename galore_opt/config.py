@@ -17,10 +17,13 @@ EXP_AVG_SQ = "exp_avg_sq"
 BASIS_LEFT = "basis_left"  # (m, r), orthonormal columns: low = P^T G, back = P N
 BASIS_RIGHT = "basis_right"  # (r, n), orthonormal rows:    low = G P^T, back = N P
 REFRESH_OFFSET = "refresh_offset"  # int32 scalar: refresh when (step - offset) % gap == 0
+#: fp32 scalar on the parameter's device: the norm of the last residual term (group key
+#: ``residual``, Fira's norm-growth limiter), +inf before the first step (nothing to limit against)
+RESIDUAL_NORM = "residual_norm"
 
 #: state keys whose dtype is chosen by the optimizer, not by the parameter; ``load_state_dict``
 #: keeps them as saved instead of casting them to the parameter's dtype.
-DTYPE_PRESERVED_KEYS = (BASIS_LEFT, BASIS_RIGHT)
+DTYPE_PRESERVED_KEYS = (BASIS_LEFT, BASIS_RIGHT, RESIDUAL_NORM)
 
 # --- projection sides, decided once per parameter and stored as which basis key exists ----------
 LEFT, RIGHT, FULL, NONE = "left", "right", "full", "none"
@@ -49,6 +52,15 @@ EXTRA_DEFAULTS: dict[str, Any] = {
     "align_basis": None,  # True under torch numerics, False under galore_torch numerics
     "basis_dtype": None,  # None: the parameter's dtype (what galore-torch stores)
 }
+
+#: defaults of the residual-compensation keys (Fira, Chen et al. 2024): off by default. Filled with
+#: ``setdefault`` (``residual_limit=None`` is a value: no limiter), not from ``numerics``.
+RESIDUAL_DEFAULTS: dict[str, Any] = {
+    "residual": False,  # add the scaled out-of-subspace gradient G - P P^T G to the update
+    "residual_scaling": "column",  # Fira's per-column norm ratio; "matrix": one ratio per matrix
+    "residual_limit": 1.01,  # Fira's norm-growth limit gamma; None: no limiter (and no state)
+}
+RESIDUAL_SCALINGS = ("column", "matrix")
 
 DEFAULT_POWER_ITERS = {"power": 1, "randomized": 2, "svd": 0}
 
@@ -109,11 +121,34 @@ def validate_galore_group(group: dict[str, Any], numerics: str) -> None:
             "numerics='galore_torch' reproduces galore-torch's refresh schedule and basis: "
             "stagger_refresh and align_basis must be False"
         )
+    validate_residual_keys(group, numerics)
     for key in _INT_KEYS:
         if group[key] is not None:
             group[key] = int(group[key])
     if not isinstance(scale, int):
         group["scale"] = float(scale)
+
+
+def validate_residual_keys(group: dict[str, Any], numerics: str) -> None:
+    """Fill and check the residual-compensation keys of a GaLore group; raises ``ValueError``."""
+    for key, value in RESIDUAL_DEFAULTS.items():
+        group.setdefault(key, value)
+    residual, scaling, limit = group["residual"], group["residual_scaling"], group["residual_limit"]
+    if not isinstance(residual, bool):
+        raise ValueError(f"Invalid residual: {residual!r} - must be a bool")
+    if scaling not in RESIDUAL_SCALINGS:
+        raise ValueError(f"Invalid residual_scaling: {scaling!r} - must be one of {RESIDUAL_SCALINGS}")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, numbers.Real) or not math.isfinite(limit) or limit < 1
+    ):
+        raise ValueError(f"Invalid residual_limit: {limit!r} - must be a finite number >= 1 (a growth factor) or None")
+    if limit is not None:
+        group["residual_limit"] = float(limit)
+    if residual and group["proj_type"] == "full":
+        raise ValueError(
+            "residual=True needs a one-sided projection (proj_type 'std', 'reverse_std', 'left' or 'right'), "
+            "got proj_type='full'"
+        )
 
 
 def validate_adam_hyperparameters(lr: Any, betas: Any, eps: Any, weight_decay: Any) -> None:

@@ -124,6 +124,85 @@ def add_projected_back(param: Tensor, norm: Tensor, left: Tensor | None, right: 
         param.add_(update.to(param.dtype), alpha=alpha)
 
 
+#: added to the low-rank gradient's norm in the residual's scaling ratio (Fira's 1e-8): a zero
+#: column of ``R`` gives a zero factor, not a division by zero
+RESIDUAL_EPS = 1e-8
+
+
+def residual_update(
+    grad: Tensor,
+    low: Tensor,
+    norm: Tensor,
+    left: Tensor | None,
+    right: Tensor | None,
+    *,
+    scaling: str = "column",
+    limit: float | None = None,
+    prev_norm: Tensor | None = None,
+    norm_unit: float = 1.0,
+) -> Tensor:
+    r"""Fira's residual term (Chen et al., 2024), a new tensor of ``grad``'s shape in the bases'
+    dtype (the projection's).
+
+    With the gradient :math:`G`, its projection :math:`R` (``low``: :math:`P^\top G` for a left
+    basis :math:`P`, :math:`G Q^\top` for a right one :math:`Q`) and the low-rank Adam direction
+    :math:`N` (``norm``, the shape of ``R``):
+
+    .. math::
+        S = \phi \odot (G - P R) \quad (\text{or } G - R Q), \qquad
+        \phi = \frac{\lVert N \rVert}{\lVert R \rVert + 10^{-8}}
+
+    ``scaling="column"``: one ratio per vector of the *unprojected* dimension (norms over the rank
+    dimension: per column of ``R = P^T G`` for a left basis, per row of ``R = G Q^T`` for a right
+    one), as Fira's code; ``"matrix"``: one ratio for the matrix. Exactly one of ``left`` /
+    ``right`` is given, in the dtype the projection runs in.
+
+    ``limit`` (Fira's norm-growth limiter, :math:`\gamma`): ``s = norm_unit * ||S||`` is compared
+    with ``prev_norm`` (a 0-dim fp32 tensor, updated in place); where ``s > gamma * prev``, ``S``
+    is divided by ``s / (gamma * prev)`` (its norm grows by ``gamma`` at most) and ``prev_norm``
+    becomes the limited norm. ``prev_norm = inf`` (before the first step) limits nothing. A
+    non-finite norm (a NaN/Inf gradient) leaves ``prev_norm`` as it was. ``norm_unit`` converts
+    ``||S||`` to the units the limiter compares in (see :func:`galore_adamw_update`). Reads no
+    value on the host.
+    """
+    if (left is None) == (right is None):
+        raise ValueError("the residual needs exactly one projected side (a left or a right basis)")
+    # the norms over the rank dimension: dim 0 of R (r x n) for a left basis, dim 1 of R (m x r)
+    dim = 0 if left is not None else 1
+    # one copy of G in the bases' dtype (the projection's), the only full-size temporary
+    out = grad.to((left if left is not None else right).dtype, memory_format=torch.contiguous_format, copy=True)
+    if left is not None:
+        out.addmm_(left, low.to(out.dtype), alpha=-1)
+    else:
+        out.addmm_(low.to(out.dtype), right, alpha=-1)
+    f32 = torch.float32
+    if scaling == "column":
+        factor = torch.linalg.vector_norm(norm, dim=dim, keepdim=True, dtype=f32)
+        factor = factor.div_(torch.linalg.vector_norm(low, dim=dim, keepdim=True, dtype=f32).add_(RESIDUAL_EPS))
+    elif scaling == "matrix":
+        factor = torch.linalg.vector_norm(norm, dtype=f32) / torch.linalg.vector_norm(low, dtype=f32).add_(RESIDUAL_EPS)
+    else:
+        raise ValueError(f"Invalid residual_scaling: {scaling!r} - must be 'column' or 'matrix'")
+    if limit is not None:
+        if prev_norm is None:
+            raise ValueError("residual_update: limit needs prev_norm (the last residual norm, a 0-dim tensor)")
+        # ||phi (.) X|| from the norms of X's vectors: no second full-size temporary
+        if scaling == "column":
+            s = torch.linalg.vector_norm(factor * torch.linalg.vector_norm(out, dim=dim, keepdim=True, dtype=f32))
+        else:
+            s = factor * torch.linalg.vector_norm(out, dtype=f32)
+        if norm_unit != 1.0:
+            s = s * norm_unit
+        ratio = s / (prev_norm + RESIDUAL_EPS)
+        limiter = torch.where(ratio > limit, ratio / limit, torch.ones_like(ratio))
+        factor = factor / limiter
+        limited = s / limiter
+        # where(out=), not copy_: a fake CUDA tensor's copy_ needs a CUDA build (FakeTensorMode)
+        torch.where(torch.isfinite(limited), limited, prev_norm, out=prev_norm)
+    out.mul_(factor)
+    return out
+
+
 def galore_adamw_update(
     param: Tensor,
     grad: Tensor,
@@ -142,18 +221,35 @@ def galore_adamw_update(
     numerics: str = "torch",
     correct_bias: bool = True,
     low: Tensor | None = None,
+    residual: str | None = None,
+    residual_limit: float | None = None,
+    residual_norm: Tensor | None = None,
 ) -> None:
     """One GaLore-AdamW step of a 2-D parameter, in place.
 
     ``left`` / ``right`` are the stored bases (``None`` for a side not projected; both ``None``
     updates the parameter in full, scaled). The moments have the low-rank shape. ``low``, if
-    given, is the already projected gradient (``grad`` is then ignored).
+    given, is the already projected gradient (``grad`` is then ignored, unless ``residual``).
+
+    ``residual`` (``"column"`` / ``"matrix"``; ``None``: off): Fira's residual compensation
+    (:func:`residual_update`), one side projected only, ``grad`` required. The residual term ``S``
+    is added to the update *unscaled* by ``scale`` (Fira: ``W -= lr_t (scale P N + S)``), with
+    the Adam direction the low-rank update applies (torch numerics: bias-corrected,
+    ``W -= lr (scale P N / bc1 + S)`` with ``phi = ||N / bc1|| / ||R||``; galore_torch numerics:
+    Fira's code, ``W -= lr sqrt(bc2) / bc1 (scale P N + S)``, ``N = m / (sqrt(v) + eps)``).
+    ``residual_limit``: the norm-growth limit, with ``residual_norm`` the state scalar it updates;
+    it compares norms in Fira's units (the residual term before the bias-correction factor
+    ``sqrt(bc2) / bc1``, which alone grows the torch-numerics term by up to ~5 % per step over the
+    first tens of steps), so it fires on the gradient's growth, not on Adam's warm-up.
     """
     step_t += 1
     step = step_t.item()
-    left_c, right_c, compute_dtype = bases_for_compute(param if low is not None else grad, left, right)
+    if residual is not None and grad is None:
+        raise ValueError("the residual term needs the full gradient (grad=None was given)")
+    left_c, right_c, compute_dtype = bases_for_compute(param if grad is None else grad, left, right)
     if low is None:
         low = project(grad.to(compute_dtype), left_c, right_c)
+    projected = low
     low = low.to(exp_avg.dtype)
 
     if numerics == "torch":
@@ -164,7 +260,14 @@ def galore_adamw_update(
         bias_correction1 = 1 - beta1**step
         bias_correction2 = 1 - beta2**step
         denom = exp_avg_sq.sqrt().div_(bias_correction2**0.5).add_(eps)
-        add_projected_back(param, exp_avg / denom, left_c, right_c, alpha=-lr * scale / bias_correction1)
+        norm = exp_avg / denom
+        add_projected_back(param, norm, left_c, right_c, alpha=-lr * scale / bias_correction1)
+        if residual is not None:
+            term = residual_update(
+                grad, projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
+                prev_norm=residual_norm, norm_unit=1.0 / bias_correction2**0.5,
+            )  # fmt: skip
+            param.add_(term, alpha=-lr / bias_correction1)  # rounded once, to the parameter's dtype
         return
 
     exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
@@ -175,6 +278,11 @@ def galore_adamw_update(
         step_size = step_size * math.sqrt(1.0 - beta2**step) / (1.0 - beta1**step)
     norm = exp_avg / denom
     update = project_back(norm.to(compute_dtype), left_c, right_c) * scale
+    if residual is not None:
+        update += residual_update(
+            grad, projected, norm, left_c, right_c, scaling=residual, limit=residual_limit,
+            prev_norm=residual_norm,
+        )  # fmt: skip
     param.add_(update.to(param.dtype), alpha=-step_size)
     if weight_decay > 0.0:
         param.add_(param, alpha=-lr * weight_decay)
@@ -268,6 +376,9 @@ def grouped_galore_adamw_update(
     scale: float,
     chunk: int = GROUP_CHUNK,
     keep_projected: bool = False,
+    residual: str | None = None,
+    residual_limit: float | None = None,
+    residual_norms: list[Tensor | None] | None = None,
 ) -> list[Tensor] | None:
     """:func:`galore_adamw_update` (torch numerics, one side projected) of a *shape group*: 2-D
     parameters of one shape, dtype and device, their gradients (one dtype) and bases (one shape
@@ -290,6 +401,11 @@ def grouped_galore_adamw_update(
     (bit for bit), but another kernel for tiny products (``m n r < 400``: a plain loop) and may
     for some large ones (oneDNN): there the result differs from the per-matrix path by the
     reassociation of one GEMM's sums (the tolerance table's ``grouped_gemm`` bound, tested).
+
+    ``residual`` / ``residual_limit`` / ``residual_norms`` (one limiter scalar per matrix): Fira's
+    residual term as :func:`galore_adamw_update` adds it, computed per matrix
+    (:func:`residual_update`) after the group's low-rank update, from the same projected gradient
+    and Adam direction: the per-matrix path's ops on the per-matrix path's operands.
     """
     if not params:
         return None
@@ -327,6 +443,7 @@ def grouped_galore_adamw_update(
                 torch.mm(b.t(), g, out=out) if left else torch.mm(g, b.t(), out=out)
         if projected is not None:
             projected.extend(low.unbind(0))
+        low_c = low if residual is not None else None  # R in the projection's dtype, for the residual
         if low.dtype != m_t.dtype:
             low = low.to(m_t.dtype)
         if m_t.device.type == "cpu" and m_t.numel() > CPU_SLICE:  # slices: temporaries stay in cache (CPU_SLICE)
@@ -340,6 +457,7 @@ def grouped_galore_adamw_update(
             _lowrank_moments(low, m_t, v_t, beta1, beta2)
             norm = m_t / v_t.sqrt().div_(bias_correction2**0.5).add_(eps)
         del low
+        direction = norm  # the Adam direction in the moments' dtype, as the residual's reference reads it
         if norm.dtype != compute_dtype:
             norm = norm.to(compute_dtype)
         if not batched:
@@ -349,6 +467,9 @@ def grouped_galore_adamw_update(
                     p.addmm_(x, y, alpha=alpha)
                 else:
                     p.add_((x @ y).to(p.dtype), alpha=alpha)
+            if residual is not None:
+                _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, step, lr,
+                                  beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
             continue
         a, b = (basis, norm) if left else (norm, basis)
         if compute_dtype == ps[0].dtype:  # one GEMM accumulating into the (stacked) weights
@@ -358,4 +479,25 @@ def grouped_galore_adamw_update(
         else:
             update = torch.bmm(a, b).to(ps[0].dtype)
             torch._foreach_add_(ps, update.unbind(0), alpha=alpha)
+        if residual is not None:
+            _grouped_residual(ps, grads[start:stop], low_c, direction, basis, left, step, lr,
+                              beta1, beta2, residual, residual_limit, residual_norms[start:stop])  # fmt: skip
     return projected
+
+
+def _grouped_residual(params, grads, low, direction, bases, left, step, lr, beta1, beta2,
+                      scaling, limit, prev_norms) -> None:  # fmt: skip
+    """The residual terms of a chunk of a shape group, matrix by matrix, as
+    :func:`galore_adamw_update` (torch numerics) adds them."""
+    bias_correction1 = 1 - beta1**step
+    norm_unit = 1.0 / (1 - beta2**step) ** 0.5
+    # unbind, not [i]: Python indexing takes a device guard that a fake CUDA tensor on a CPU-only
+    # build cannot (FakeTensorMode)
+    if isinstance(bases, Tensor):
+        bases = bases.unbind(0)
+    for p, g, b, r, n, prev in zip(params, grads, bases, low.unbind(0), direction.unbind(0), prev_norms):
+        term = residual_update(
+            g, r, n, b if left else None, None if left else b, scaling=scaling, limit=limit,
+            prev_norm=prev, norm_unit=norm_unit,
+        )  # fmt: skip
+        p.add_(term, alpha=-lr / bias_correction1)

@@ -42,7 +42,8 @@ meaning (a list of name fragments or regexes, a regex string, or ``"all-linear"`
 ``nn.Linear``, heads included; see :func:`~galore_opt.galore_param_groups`), plus ``transformers``
 ``Conv1D`` layers (GPT-2), which the Trainer's GaLore cannot select. ``optim_args`` keys ``rank``,
 ``update_proj_gap``, ``scale``, ``proj_type`` (galore-torch's) and ``proj_method``,
-``power_iters``, ``numerics`` (ours), typed and validated.
+``power_iters``, ``numerics``, ``residual``, ``residual_scaling``, ``residual_limit`` (ours),
+typed and validated.
 
 Layer-wise mode works with ``gradient_accumulation_steps``, clips with ``max_grad_norm`` by the
 previous update's global norm (the Trainer's own clipping sees no gradients in layer-wise mode, so
@@ -107,6 +108,9 @@ OPTIM_ARG_TYPES = {
     "proj_method": str,
     "power_iters": int,
     "numerics": str,
+    "residual": bool,  # "true" / "false" (also 1 / 0, yes / no)
+    "residual_scaling": str,
+    "residual_limit": float,  # or "none": no limiter
 }
 _OPTIMIZER_KEYS = ("numerics",)  # constructor arguments rather than group keys
 
@@ -121,6 +125,18 @@ def _to_int(value: Any) -> int:
     if not math.isfinite(number) or number != int(number):
         raise ValueError
     return int(number)
+
+
+def _to_bool(value: Any) -> bool:
+    """``True``, ``"true"``, ``"1"``, ``"yes"`` -> True; ``False``, ``"false"``, ``"0"``, ``"no"`` -> False."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError
 
 
 def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
@@ -148,7 +164,12 @@ def parse_optim_args(optim_args: str | dict[str, Any] | None) -> dict[str, Any]:
             raise ValueError(f"unknown optim_args key {key!r}: allowed {sorted(OPTIM_ARG_TYPES)}")
         kind = OPTIM_ARG_TYPES[key]
         try:
-            out[key] = _to_int(value) if kind is int else kind(value)
+            if key == "residual_limit" and (value is None or str(value).lower() == "none"):
+                out[key] = None
+            elif kind is bool:
+                out[key] = _to_bool(value)
+            else:
+                out[key] = _to_int(value) if kind is int else kind(value)
         except (TypeError, ValueError, OverflowError):
             raise ValueError(f"optim_args {key}={value!r} is not a valid {kind.__name__}") from None
     return out

@@ -59,7 +59,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # GaLore keys given to the constructor would be a bare "unexpected keyword argument"
-        misplaced = sorted(k for k in kwargs if k in C.GALORE_DEFAULTS or k in C.EXTRA_DEFAULTS)
+        misplaced = sorted(
+            k for k in kwargs if k in C.GALORE_DEFAULTS or k in C.EXTRA_DEFAULTS or k in C.RESIDUAL_DEFAULTS
+        )
         if misplaced:
             key = misplaced[0]
             raise TypeError(
@@ -93,7 +95,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """
         super().__setstate__(state)
         self._restore_attributes()
-        galore_keys = (*C.GALORE_DEFAULTS, *C.EXTRA_DEFAULTS)
+        galore_keys = (*C.GALORE_DEFAULTS, *C.EXTRA_DEFAULTS, *C.RESIDUAL_DEFAULTS)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 if key not in self._optimizer_wide_defaults:
@@ -130,6 +132,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         if "rank" not in group:
             return
         C.validate_galore_group(group, numerics)
+        if group["residual"] and not self._supports_residual:
+            raise ValueError(
+                f"residual=True is an option of GaLoreAdamW and GaLoreAdamW8bit, not of {type(self).__name__}"
+            )
         for p in group["params"]:
             if p.dim() < 2:
                 raise ValueError(
@@ -243,12 +249,13 @@ class GaLoreOptimizer(torch.optim.Optimizer):
     def low_rank_accumulation_ready(self, p: Tensor) -> bool:
         """Whether ``p``'s gradient for the *next* step may be accumulated in its projected form:
         ``p`` is a projected GaLore parameter whose basis exists and is not refreshed on the next
-        step (a refresh needs the full accumulated gradient)."""
+        step (a refresh needs the full accumulated gradient), in a group without ``residual``
+        (the residual ``G - P P^T G`` needs the full accumulated gradient on every step)."""
         if not self._supports_low_rank_grad:
             return False
         group = self._group_of(p)
-        if "rank" not in group:
-            return False
+        if "rank" not in group or group.get("residual"):
+            return False  # the residual G - P P^T G needs the full accumulated gradient
         state = self.state[p]
         side = self._side(p, group)
         return side != C.NONE and C.STEP in state and not self._refresh_due(state, group, side)
@@ -268,6 +275,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
 
     #: whether step_param accepts a projected gradient (GaLoreAdamW and GaLoreAdamW8bit do)
     _supports_low_rank_grad = False
+
+    #: whether the group key ``residual`` (Fira's residual compensation) may be True
+    _supports_residual = False
 
     @staticmethod
     def _as_matrix(t: Tensor) -> Tensor:

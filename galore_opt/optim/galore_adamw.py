@@ -20,7 +20,7 @@ from ..functional import (
     resolve_impl,
     use_grouped,
 )
-from ..functional.adamw import CPU_SLICE, bases_for_compute
+from ..functional.adamw import CPU_SLICE, bases_for_compute, residual_update
 from ..projector import project
 from .base import GaLoreOptimizer, _warm_refresh_due
 
@@ -54,7 +54,11 @@ class GaLoreAdamW(GaLoreOptimizer):
             previous basis; ``"randomized"``; ``"svd"``), ``power_iters``, ``oversample`` (8),
             ``stagger_refresh`` (spread refreshes over the gap), ``align_basis`` (rotate a new
             basis towards the old one so kept moments stay meaningful), ``basis_dtype`` (None: the
-            parameter's dtype, as galore-torch; or ``"float32"``).
+            parameter's dtype, as galore-torch; or ``"float32"``), ``residual`` (False; True:
+            Fira's residual compensation, the out-of-subspace gradient ``G - P P^T G`` scaled by
+            ``||N|| / ||R||`` added to the update, see ``docs/residual.md``),
+            ``residual_scaling`` (``"column"`` or ``"matrix"``), ``residual_limit`` (1.01: the
+            residual norm grows by at most this factor per step; None: no limiter).
         lr: learning rate (default 1e-3).
         betas: coefficients of the moment averages (default (0.9, 0.999)).
         eps: added to the denominator; ``None`` means 1e-8 (``numerics="torch"``) or 1e-6
@@ -165,7 +169,9 @@ class GaLoreAdamW(GaLoreOptimizer):
 
         Grouped: GaLore matrices (torch numerics, one side projected, plain fp moments) whose
         state exists and whose basis is not refreshed this step, batched by (shape, side, rank,
-        dtypes, device, hyperparameters, step): :func:`grouped_galore_adamw_update`; and
+        dtypes, device, hyperparameters, residual settings, step):
+        :func:`grouped_galore_adamw_update` (the residual term, if on, per matrix after the
+        group's low-rank update); and
         full-size parameters with moments in their dtype (torch numerics), per param group:
         :func:`multi_tensor_adamw` (PyTorch's foreach AdamW). Per matrix: a first step (the state
         and the first basis are built), a refresh step (the refresh needs the matrix's own
@@ -238,10 +244,12 @@ class GaLoreAdamW(GaLoreOptimizer):
             offset_values = iter(_values([o for o in offsets if o is not None]))
             gap = group["update_proj_gap"]
             hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"], group["scale"])
+            residual = (group["residual_scaling"], group["residual_limit"]) if group.get("residual") else None
             for (entry, state, basis, left, moments), step, offset in zip(members, steps, offsets):
                 offset = 0 if offset is None else next(offset_values)
                 p = entry[1]
-                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, hyper, step)
+                key = (p.shape, p.dtype, p.device, p.grad.dtype, left, basis.shape, basis.dtype, moments, residual, hyper,
+                       step)  # fmt: skip
                 # a warm refresh due on this step follows the update (deferred, see _refresh_if_due)
                 buckets.setdefault(key, []).append((entry, state, basis, _warm_refresh_due(step, offset, gap)))
         supers: dict = {}
@@ -271,10 +279,19 @@ class GaLoreAdamW(GaLoreOptimizer):
                 params = [entry[1] for entry, _, _, _ in members]
                 side = C.LEFT if left else C.RIGHT
                 due = [i for i, member in enumerate(members) if member[3]]
+                residual = {}
+                if key[-3] is not None:  # Fira's residual term, per matrix after the group's update
+                    scaling, limit = key[-3]
+                    norms = []
+                    for (group, p, _), state, basis, _ in members:
+                        bases = (basis, None) if left else (None, basis)
+                        args = self._residual_args(group, state, *bases, p.device)
+                        norms.append(args["residual_norm"])
+                    residual = dict(residual=scaling, residual_limit=limit, residual_norms=norms)
                 projected = grouped_galore_adamw_update(
                     params, [p.grad for p in params], exp_avg, exp_avg_sq, [basis for _, _, basis, _ in members], side,
                     step=step + 1, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, scale=scale,
-                    keep_projected=bool(due),
+                    keep_projected=bool(due), **residual,
                 )  # fmt: skip
                 for i in due:
                     group, p, index = members[i][0]
@@ -354,7 +371,36 @@ class GaLoreAdamW(GaLoreOptimizer):
         beta1, beta2 = group["betas"]
         norm = kernel_ops().lowrank_adam(low, exp_avg, exp_avg_sq, beta1, beta2, group["eps"], step, compute_dtype)
         self._fused_update(param, norm, left_c, right_c, group, step)
+        self._fused_residual(param, grad, state, low, norm, left_c, right_c, group, step)
         return True
+
+    def _residual_args(self, group, state, left, right, device) -> dict:
+        """The residual keyword arguments of :func:`galore_adamw_update` for this parameter (empty:
+        no residual term, also for a parameter updated in full, whose residual is zero), creating
+        the limiter's state scalar (+inf: nothing to limit against yet) on its first use."""
+        if not group.get("residual") or (left is None) == (right is None):
+            return {}
+        limit = group["residual_limit"]
+        prev = None
+        if limit is not None:
+            prev = state.get(C.RESIDUAL_NORM)
+            if prev is None:
+                prev = state[C.RESIDUAL_NORM] = torch.full((), math.inf, dtype=torch.float32, device=device)
+        return dict(residual=group["residual_scaling"], residual_limit=limit, residual_norm=prev)
+
+    def _fused_residual(self, param, grad, state, low, norm, left_c, right_c, group, step) -> None:
+        """After the fused low-rank update: the residual term in torch ops (a full-size
+        temporary, one GEMM, reductions and two elementwise passes; no host read), the same
+        arithmetic as the reference path (:func:`galore_adamw_update`, torch numerics)."""
+        args = self._residual_args(group, state, left_c, right_c, param.device)
+        if not args:
+            return
+        beta1, beta2 = group["betas"]
+        term = residual_update(
+            grad, low, norm, left_c, right_c, scaling=args["residual"],
+            limit=args["residual_limit"], prev_norm=args["residual_norm"], norm_unit=1.0 / (1 - beta2**step) ** 0.5,
+        )  # fmt: skip
+        param.add_(term, alpha=-group["lr"] / (1 - beta1**step))
 
     @staticmethod
     def _fused_project(param, grad, state, left, right, low):
@@ -391,6 +437,8 @@ class GaLoreAdamW(GaLoreOptimizer):
                 self._step_one(group, q, index, low_rank_grad)
 
     _supports_low_rank_grad = True
+
+    _supports_residual = True
 
     def _step_one(self, group, p, index, low_rank_grad=None) -> None:
         state = self.state[p]
@@ -466,6 +514,7 @@ class GaLoreAdamW(GaLoreOptimizer):
             right,
             scale=group["scale"],
             low=low,
+            **self._residual_args(group, state, left, right, param.device),
             **hyper,
         )
         self._store_moments(state, exp_avg, exp_avg_sq)
@@ -490,6 +539,8 @@ class GaLoreAdamW(GaLoreOptimizer):
             raise NotImplementedError(f"{type(self).__name__} does not support FSDP2-sharded (DTensor) parameters yet")
         if low_rank_grad is not None:
             raise NotImplementedError("layer-wise accumulation of sharded (FSDP2) parameters is not supported")
+        if group.get("residual"):
+            raise NotImplementedError("residual=True is not supported for FSDP2-sharded (DTensor) parameters yet")
         if p.grad is None:
             return
         mesh, placements = p.device_mesh, p.placements

@@ -143,6 +143,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             compute_dtype,
         )
         self._fused_update(param, norm, left_c, right_c, group, step)
+        self._fused_residual(param, grad, state, low, norm, left_c, right_c, group, step)
         return True
 
     def _full_step(self, group, p, state, hyper) -> bool:
