@@ -244,7 +244,7 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Whether ``p``'s gradient for the *next* step may be accumulated in its projected form:
         ``p`` is a projected GaLore parameter whose basis exists and is not refreshed on the next
         step (a refresh needs the full accumulated gradient)."""
-        if not self._supports_low_rank_grad:
+        if not self._supports_low_rank_grad or _is_dtensor(p):  # FSDP2: accumulated in full (sharded)
             return False
         group = self._group_of(p)
         if "rank" not in group:
@@ -442,6 +442,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _warm_refresh_due(step: float, offset: float, gap: int) -> bool:

@@ -1,0 +1,192 @@
+"""FSDP2 (``fully_shard``, DTensor parameters sharded on dim 0) for all three optimizers, and
+layer-wise mode under FSDP2 and DDP: 2 processes, gloo on CPU.
+
+Each test spawns the 2 ranks once and checks in that one run: the weights against one unsharded
+process on the full batch (over steps that include basis refreshes), the bases bit-identical on
+both ranks, the optimizer state each rank holds against the unsharded optimizer's, and a
+distributed checkpoint (DCP) saved mid-run that resumes to bit-identical weights.
+"""
+
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from test_distributed import _free_port, _worker
+
+WORLD = 2
+STEPS = 7
+SAVE_AT = 4
+BATCH = 8
+GAP = 3  # refreshes (staggered over the gap) inside the 7 steps, before and after the checkpoint
+
+# 8-bit layout: block 32 and moments of >= 64 elements in 8 bits. Every sharded 8-bit tensor has
+# ceil(rows / 2) * cols a multiple of 32 (32x4 and 4x32 low-rank moments, the 8x16 head), so the
+# per-rank blocks are the unsharded blocks and the comparison with one process is exact.
+BLOCK, MIN_8BIT = 32, 64
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test on Linux")
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 16), torch.nn.Tanh(), torch.nn.Linear(16, 8)
+    )
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(BATCH, 16, generator=g), torch.randn(BATCH, 8, generator=g)
+
+
+def _optimizer(name, model):
+    from galore_opt import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
+
+    # "0" (32x16) is projected on the right, "2" (16x32) on the left; the head is full-size
+    groups = galore_param_groups(model, target_modules=["0", "2"], rank=4, update_proj_gap=GAP, weight_decay=0.01)
+    if name == "adamw":
+        return GaLoreAdamW(groups, lr=1e-2)
+    if name == "adamw8bit":
+        return GaLoreAdamW8bit(groups, lr=1e-2, block_size=BLOCK, min_8bit_size=MIN_8BIT)
+    for g in groups:
+        g.pop("weight_decay", None)
+    return GaLoreAdafactor(groups, lr=1e-2)
+
+
+def _fsdp_model(mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    model = _model()
+    for layer in model:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _half(step, rank):
+    x, y = _batch(step)
+    half = BATCH // WORLD
+    return x[rank * half : (rank + 1) * half], y[rank * half : (rank + 1) * half]
+
+
+def _train(model, opt, rank, steps):
+    for step in steps:
+        x, y = _half(step, rank)
+        torch.nn.functional.mse_loss(model(x), y).backward()  # reduce-scattered: the full-batch mean
+        opt.step()
+        opt.zero_grad()
+
+
+def _single_process(name, steps=STEPS):
+    model = _model()
+    opt = _optimizer(name, model)
+    for step in range(steps):
+        x, y = _batch(step)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt
+
+
+def _same_on_every_rank(tensors):
+    """Whether every tensor is bit-identical on all ranks (all-gathered and compared)."""
+    import torch.distributed as dist
+
+    same = True
+    for t in tensors:
+        mine = t.contiguous()
+        others = [torch.empty_like(mine) for _ in range(WORLD)]
+        dist.all_gather(others, mine)
+        same &= all(torch.equal(o, mine) for o in others)
+    return same
+
+
+def _bases(opt):
+    from galore_opt import config as C
+
+    return [s[k] for s in opt.state.values() for k in (C.BASIS_LEFT, C.BASIS_RIGHT) if k in s]
+
+
+def _fsdp_body(rank, name, out, ckpt):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from galore_opt.optim._fsdp import state_bytes
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    model = _fsdp_model(mesh)
+    opt = _optimizer(name, model)
+    _train(model, opt, rank, range(SAVE_AT))
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+    _train(model, opt, rank, range(SAVE_AT, STEPS))
+    final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    bases = _bases(opt)
+    same_bases = _same_on_every_rank(bases)
+    sharded_keys = sorted({k for s in opt.state.values() for k, v in s.items() if isinstance(v, DTensor)})
+    mine = torch.tensor([state_bytes(opt)])
+    per_rank = [torch.zeros_like(mine) for _ in range(WORLD)]
+    dist.all_gather(per_rank, mine)
+
+    model2 = _fsdp_model(mesh)
+    opt2 = _optimizer(name, model2)
+    msd2, osd2 = get_state_dict(model2, opt2)
+    loaded = {"model": msd2, "optim": osd2}
+    dcp.load(loaded, checkpoint_id=ckpt)
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _train(model2, opt2, rank, range(SAVE_AT, STEPS))
+    resumed = {k: v.full_tensor() for k, v in model2.state_dict().items()}
+    if rank == 0:
+        torch.save({
+            "final": final, "resumed": resumed, "same_bases": same_bases, "n_bases": len(bases),
+            "sharded_keys": sharded_keys, "bytes": [int(b) for b in per_rank],
+        }, out)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
+def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, name):
+    """FSDP2 with a right-projected, a left-projected and a full-size matrix (8-bit for
+    GaLoreAdamW8bit, codes and absmax sharded), 7 steps with refreshes: the weights of one
+    unsharded process on the full batch to 1e-5; the same bases on both ranks; each rank holds
+    about half of the unsharded optimizer's state bytes (the bases are whole on every rank); a DCP
+    checkpoint at step 4 loaded into a fresh model and optimizer continues to bit-identical weights."""
+    from galore_opt.optim._fsdp import state_bytes
+
+    out = tmp_path / "out.pt"
+    mp.spawn(_worker, args=(_free_port(), _fsdp_body, name, str(out), str(tmp_path / "dcp")), nprocs=WORLD, join=True)
+    result = torch.load(out, weights_only=True)
+    reference, ref_opt = _single_process(name)
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(result["final"][key], value, rtol=1e-5, atol=1e-5, msg=key)
+        assert torch.equal(result["resumed"][key], result["final"][key]), key
+    assert result["n_bases"] == 2 and result["same_bases"]
+    expected = {
+        "adamw": ["exp_avg", "exp_avg_sq"],
+        "adamw8bit": [
+            "exp_avg",
+            "exp_avg_absmax",
+            "exp_avg_codes",
+            "exp_avg_sq",
+            "exp_avg_sq_absmax",
+            "exp_avg_sq_codes",
+        ],
+        "adafactor": ["col_var", "row_var", "variance"],
+    }[name]
+    assert result["sharded_keys"] == expected
+    whole = state_bytes(ref_opt)
+    bases = sum(b.numel() * b.element_size() for b in _bases(ref_opt))
+    steps = sum(s["step"].numel() * 4 + (s["refresh_offset"].numel() * 4 if "refresh_offset" in s else 0)
+                for s in ref_opt.state.values())  # fmt: skip
+    for held in result["bytes"]:
+        # the sharded part is split over the ranks (up to 8-bit absmax padding), bases and step
+        # counts are whole on each
+        sharded_share = (held - bases - steps) / (whole - bases - steps)
+        assert 0.4 <= sharded_share <= 0.6, (name, held, whole)
+        print(
+            f"{name}: rank holds {held} B of {whole} B unsharded ({held / whole:.3f}); sharded part {sharded_share:.3f}"
+        )
