@@ -114,6 +114,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # per-parameter gradient norms of the update in progress, kept on their devices: reading
         # each one (float()) would synchronize the GPU once per parameter inside backward
         self._norms: list[Tensor] = []
+        # FSDP2 parameters: the squared norms of this rank's gradient shards, by process group
+        self._sharded_squares: dict[Any, list[Tensor]] = {}
         # the last update's global norm: a float64 device tensor (read on the host only when
         # grad_norm is read, so an update never synchronizes the device), or a float after a load
         self._prev_norm: Tensor | float | None = None
@@ -127,6 +129,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _attach(self, params: list[Tensor]) -> None:
         for p in params:
+            _check_fsdp2(p)
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
             else:
@@ -163,14 +166,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _global_norm(self) -> Tensor | float:
         """sqrt of the sum of the squared per-parameter norms, in float64 on the first norm's device
-        (the other devices' partial sums join it by an asynchronous copy): no host sync."""
-        if not self._norms:
-            return 0.0
+        (the other devices' partial sums join it by an asynchronous copy): no host sync. FSDP2
+        parameters add their shards' squared norms, summed over the ranks by one all-reduce per
+        process group."""
+        sharded, self._sharded_squares = self._sharded_squares, {}
+        parts = []
+        for group, squares in sharded.items():
+            part = torch.stack(squares).double().sum()
+            torch.distributed.all_reduce(part, group=group)
+            parts.append(part)
         by_device: dict[torch.device, list[Tensor]] = {}
         for n in self._norms:
-            by_device.setdefault(n.device, []).append(n)
-        first = self._norms[0].device
-        total = sum(torch.stack(ns).double().square().sum().to(first, non_blocking=True) for ns in by_device.values())
+            by_device.setdefault(n.device, []).append(n.double().square())
+        for part in parts:
+            by_device.setdefault(part.device, []).append(part)
+        if not by_device:
+            return 0.0
+        first = next(iter(by_device))
+        total = sum(torch.stack(ns).sum().to(first, non_blocking=True) for ns in by_device.values())
         return total.sqrt()
 
     @property
@@ -202,6 +215,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ``GaLoreOptimizer._whole_state``), and training can go on with the next batch."""
         self._callback_queued = False
         self._norms = []
+        self._sharded_squares = {}
         self._low_rank.clear()
         self.micro_step -= self.micro_step % self.accumulation_steps
         for g in self.param_groups:
@@ -227,8 +241,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             low = buf.add_(opt.project_gradient(p, p.grad))
             p.grad = None
         grad = low if low is not None else p.grad
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        self._norms.append(norm)
+        if _is_dtensor(grad):  # FSDP2: this rank's shard of the reduce-scattered gradient
+            group = grad.device_mesh.get_group()
+            grad = grad.to_local()
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self._sharded_squares.setdefault(group, []).append(square)
+            if self.clip_mode == "parameter":  # this parameter's global norm: one all-reduce
+                total = square.clone()
+                torch.distributed.all_reduce(total, group=group)
+                norm = total.sqrt()
+        else:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self._norms.append(norm)
         if self.clip_mode == "previous" and self._prev_norm is not None:
             # min(1, max / (previous + 1e-6)) in float64 on the device (a factor of 1 changes nothing)
             prev = self._prev_norm
@@ -448,6 +472,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     @state.setter
     def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns it
         pass
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _check_fsdp2(p: Tensor) -> None:
+    """FSDP2 parameters are taken sharded on dim 0 over a 1-D mesh: HSDP (a 2-D mesh, where the
+    reduce-scattered gradient is then all-reduced over the replicas) is refused."""
+    if not _is_dtensor(p):
+        return
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(
+            f"LayerwiseOptimizer under FSDP2 needs parameters sharded on dim 0 over a 1-D device mesh "
+            f"(fully_shard with a 1-D mesh); got placements {tuple(placements)} on a {mesh.ndim}-D mesh. "
+            "HSDP (a 2-D mesh) is not supported in layer-wise mode: use the optimizer without "
+            "LayerwiseOptimizer there"
+        )
 
 
 __all__ = ["CLIP_MODES", "LayerwiseOptimizer"]

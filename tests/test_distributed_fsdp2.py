@@ -190,3 +190,126 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
         print(
             f"{name}: rank holds {held} B of {whole} B unsharded ({held / whole:.3f}); sharded part {sharded_share:.3f}"
         )
+
+
+# --- layer-wise GaLoreAdamW8bit under FSDP2 and DDP ----------------------------------------------
+
+MAX_NORM = 0.5  # below the gradients' norms: clipping is active
+
+
+def _layerwise(model, micro, clip):
+    from galore_opt.layerwise import LayerwiseOptimizer
+
+    opt = _optimizer("adamw8bit", model)
+    clip_args = dict(max_grad_norm=MAX_NORM, clip_mode="parameter") if clip else {}
+    return opt, LayerwiseOptimizer(opt, accumulation_steps=micro, **clip_args)
+
+
+def _layerwise_train(model, lw, steps, rank=None, micro=1, no_sync=None):
+    """Layer-wise steps: on ``rank``'s half batch (or the full batch), in ``micro`` micro-batches;
+    under DDP (``no_sync``: the model's context) the first micro-batches accumulate locally."""
+    norms = []
+    for step in steps:
+        x, y = _batch(step) if rank is None else _half(step, rank)
+        chunks = list(zip(x.chunk(micro), y.chunk(micro)))
+        for i, (xc, yc) in enumerate(chunks):
+            if no_sync is not None and i < micro - 1:
+                with no_sync():
+                    (torch.nn.functional.mse_loss(model(xc), yc) / micro).backward()
+            else:
+                (torch.nn.functional.mse_loss(model(xc), yc) / micro).backward()
+        lw.step()
+        lw.zero_grad()
+        norms.append(lw.grad_norm)
+    return norms
+
+
+def _layerwise_body(rank, engine, out, ckpt):
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from galore_opt.optim._fsdp import state_bytes
+
+    result = {}
+    if engine == "ddp":
+        for micro in (1, 2):
+            model = torch.nn.parallel.DistributedDataParallel(_model())
+            opt, lw = _layerwise(model.module, 1, clip=micro == 1)
+            lw.register_ddp(model)
+            norms = _layerwise_train(model, lw, range(STEPS), rank, micro, model.no_sync)
+            result[micro] = {"params": model.module.state_dict(), "norms": torch.tensor(norms)}
+            result[micro]["same_bases"] = _same_on_every_rank(_bases(opt))
+        if rank == 0:
+            torch.save(result, out)
+        return
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for micro in (1, 2):
+        model = _fsdp_model(mesh)
+        opt, lw = _layerwise(model, micro, clip=micro == 1)
+        norms = _layerwise_train(model, lw, range(SAVE_AT), rank, micro)
+        if micro == 1:
+            msd, osd = get_state_dict(model, opt)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+        norms += _layerwise_train(model, lw, range(SAVE_AT, STEPS), rank, micro)
+        final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        result[micro] = {"params": final, "norms": torch.tensor(norms), "same_bases": _same_on_every_rank(_bases(opt))}
+        if micro == 1:
+            mine = torch.tensor([state_bytes(opt)])
+            per_rank = [torch.zeros_like(mine) for _ in range(WORLD)]
+            dist.all_gather(per_rank, mine)
+            result["bytes"] = [int(b) for b in per_rank]
+            # resume: a fresh model and layer-wise optimizer from the checkpoint (the clipping
+            # threshold's previous norm is layer-wise metadata, carried beside the DCP state)
+            model2 = _fsdp_model(mesh)
+            opt2, lw2 = _layerwise(model2, micro, clip=True)
+            msd2, osd2 = get_state_dict(model2, opt2)
+            loaded = {"model": msd2, "optim": osd2}
+            dcp.load(loaded, checkpoint_id=ckpt)
+            set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+            lw2.micro_step, lw2._prev_norm = SAVE_AT, norms[SAVE_AT - 1]
+            _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank, micro)
+            result["resumed"] = {k: v.full_tensor() for k, v in model2.state_dict().items()}
+    if rank == 0:
+        torch.save(result, out)
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
+def test_layerwise_8bit_equals_one_process(tmp_path, engine):
+    """Layer-wise GaLoreAdamW8bit, updates inside backward: under FSDP2 from the post-accumulate-
+    grad hooks that FSDP2 runs on each sharded parameter once its gradient is reduce-scattered,
+    under DDP from the communication hook (register_ddp). Without accumulation and with per-
+    parameter clipping, and with 2 micro-batches: the weights of one process running the
+    layer-wise optimizer on the full batch (to 1e-5); the global gradient norm of one process
+    (without accumulation); the same bases on both ranks; FSDP2: half the state per rank and a
+    DCP resume to bit-identical weights."""
+    out = tmp_path / "out.pt"
+    mp.spawn(_worker, args=(_free_port(), _layerwise_body, engine, str(out), str(tmp_path / "dcp")), nprocs=WORLD,
+             join=True)  # fmt: skip
+    result = torch.load(out, weights_only=True)
+    for micro in (1, 2):
+        model = _model()
+        # one process, layer-wise, accumulating the projected gradient over the micro-batches;
+        # the ranks accumulate in full (FSDP2: the sharded .grad; DDP: no_sync)
+        opt, lw = _layerwise(model, micro, clip=micro == 1)
+        norms = _layerwise_train(model, lw, range(STEPS), None, micro)
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(result[micro]["params"][key], value, rtol=1e-5, atol=1e-5, msg=(micro, key))
+        assert result[micro]["same_bases"]
+        if micro == 1:
+            torch.testing.assert_close(result[micro]["norms"], torch.tensor(norms), rtol=1e-5, atol=0)
+    if engine == "fsdp2":
+        for key, value in result[1]["params"].items():
+            assert torch.equal(result["resumed"][key], value), key
+        _, ref_opt = _single_process("adamw8bit")
+        whole = state_bytes_of(ref_opt)
+        for held in result["bytes"]:
+            assert held < 0.62 * whole, (held, whole)
+            print(f"layer-wise 8-bit FSDP2: rank holds {held} B of {whole} B unsharded ({held / whole:.3f})")
+
+
+def state_bytes_of(opt):
+    from galore_opt.optim._fsdp import state_bytes
+
+    return state_bytes(opt)
