@@ -53,9 +53,13 @@ GaLore matrix accumulates only its projection, so the norm of what the optimizer
 as ``grad_norm_projected`` instead (it is lower than the full gradient's norm). Every checkpoint
 loads with ``torch.load``'s default ``weights_only=True`` and resumes exactly.
 
-Layer-wise mode in the Trainer is single-process; with several processes it raises (in your own
-loop, ``LayerwiseOptimizer.register_ddp`` runs the updates from DDP's communication hook, after the
-gradients are averaged). The non-layer-wise optimizers work under DDP (see ``docs/distributed.md``).
+Layer-wise mode with several processes (``torchrun`` / ``accelerate launch``): under DDP the updates
+run from DDP's communication hook, after each gradient bucket is averaged
+(:meth:`LayerwiseOptimizer.register_ddp`, called before the first backward); under FSDP2 from the
+hooks FSDP2 runs on each sharded parameter after its gradient is reduce-scattered. The Trainer
+accumulates the first micro-batches of a step under ``no_sync``, so each rank accumulates the full
+gradient and the optimizer updates once per step (``accumulation_steps=1``; the logged
+``grad_norm`` is then exact). See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -267,14 +271,11 @@ def galore_optimizer(
     if not layerwise:
         return opt
     world = int(getattr(args, "world_size", 1) or 1)
-    if world > 1:
-        raise ValueError(
-            f"layerwise=True with {world} processes: the Trainer integration is single-process in layer-wise "
-            "mode (a post-accumulate-grad update would use each rank's gradient before DDP averages it); use "
-            "layerwise=False, or LayerwiseOptimizer.register_ddp(ddp_model) in your own loop"
-        )
     max_norm = float((max_grad_norm if max_grad_norm is not None else getattr(args, "max_grad_norm", 0.0)) or 0.0)
-    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    # several processes: the Trainer runs all but the last micro-batch under accelerate's no_sync
+    # (DDP's no_sync, FSDP2's set_requires_gradient_sync(False)), so the gradient accumulates in full
+    # on each rank and is reduced once: one update per reduced gradient
+    accumulation = 1 if world > 1 else int(getattr(args, "gradient_accumulation_steps", 1) or 1)
     if max_norm > 0:
         warnings.warn(
             f"layer-wise mode clips with max_grad_norm={max_norm:g} by the previous update's global gradient "
@@ -288,6 +289,33 @@ def galore_optimizer(
         accumulation_steps=accumulation,
         max_grad_norm=max_norm if max_norm > 0 else None,
     )
+
+
+def _attach_layerwise(model: torch.nn.Module, optimizer: Any) -> None:
+    """Before the first backward of a multi-process run: under DDP, run the layer-wise updates from
+    DDP's communication hook (:meth:`LayerwiseOptimizer.register_ddp`, once); under FSDP2 the
+    post-accumulate-grad hooks already fire after each reduce-scatter (nothing to do). Any other
+    wrapper of a multi-process run is refused."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if not isinstance(inner, LayerwiseOptimizer) or inner._ddp:
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        inner.register_ddp(model)
+        return
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_world_size() > 1 and not any(_is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            f"layer-wise mode with {torch.distributed.get_world_size()} processes needs the model wrapped in "
+            f"DistributedDataParallel or sharded with FSDP2 (fully_shard); got a {type(model).__name__}: a "
+            "post-accumulate-grad update would use each rank's own gradient"
+        )
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 _TRAINER_DOC = """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
@@ -348,6 +376,11 @@ def _make_trainer_class():
                     **self.galore_kwargs,
                 )  # fmt: skip
             return self.optimizer
+
+        def training_step(self, model, *args, **kwargs):
+            if self.galore_layerwise:
+                _attach_layerwise(model, self.optimizer)
+            return super().training_step(model, *args, **kwargs)
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self.galore_layerwise and "loss" in logs:
