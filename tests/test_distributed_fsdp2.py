@@ -141,11 +141,74 @@ def _fsdp_body(rank, name, out, ckpt):
     set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     _train(model2, opt2, rank, range(SAVE_AT, STEPS))
     resumed = {k: v.full_tensor() for k, v in model2.state_dict().items()}
+    uneven = _uneven_8bit(rank, mesh, ckpt + "_uneven") if name == "adamw8bit" else None
     if rank == 0:
         torch.save({
             "final": final, "resumed": resumed, "same_bases": same_bases, "n_bases": len(bases),
-            "sharded_keys": sharded_keys, "bytes": [int(b) for b in per_rank],
+            "sharded_keys": sharded_keys, "bytes": [int(b) for b in per_rank], "uneven": uneven,
         }, out)  # fmt: skip
+
+
+def _uneven_model():
+    # 3 rows: 2 on rank 0, 1 on rank 1 (left-projected at rank 2: 2 x 16 moments, one row each);
+    # the 1-row head and its bias: everything on rank 0, rank 1's shards are empty
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(16, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+def _uneven_optimizer(model):
+    from galore_opt import GaLoreAdamW8bit, galore_param_groups
+
+    groups = galore_param_groups(model, target_modules=["0"], rank=2, update_proj_gap=2)
+    return GaLoreAdamW8bit(groups, lr=1e-2, block_size=BLOCK, min_8bit_size=0)
+
+
+def _uneven_train(model, opt, steps, rank=None):
+    for step in steps:
+        x, y = _batch(step) if rank is None else _half(step, rank)
+        torch.nn.functional.mse_loss(model(x), y[:, :1]).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _uneven_8bit(rank, mesh, ckpt):
+    """Uneven shards (a shorter last rank, an empty one): 8-bit state on 5 steps, a DCP
+    checkpoint after 2, and the local sizes of the head's codes and absmax."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from galore_opt import config as C
+
+    def build():
+        model = _uneven_model()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, _uneven_optimizer(model)
+
+    model, opt = build()
+    _uneven_train(model, opt, range(2), rank)
+    dcp.save(dict(zip(("model", "optim"), get_state_dict(model, opt))), checkpoint_id=ckpt)
+    _uneven_train(model, opt, range(2, 5), rank)
+    head = opt.state[model[2].weight]
+    local = {
+        "head_codes_rows": head[C.EXP_AVG_CODES].to_local().shape[0],
+        "head_absmax_local": head[C.EXP_AVG_ABSMAX].to_local().numel(),
+        "head_absmax_global": head[C.EXP_AVG_ABSMAX].shape[0],
+    }
+    model2, opt2 = build()
+    msd, osd = get_state_dict(model2, opt2)
+    loaded = {"model": msd, "optim": osd}
+    dcp.load(loaded, checkpoint_id=ckpt)
+    set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+    _uneven_train(model2, opt2, range(2, 5), rank)
+    final = {k: v.full_tensor() for k, v in model.state_dict().items()}
+    resumed = {k: v.full_tensor() for k, v in model2.state_dict().items()}
+    sizes = [None] * WORLD
+    torch.distributed.all_gather_object(sizes, local)
+    return {"final": final, "resumed": resumed, "sizes": sizes}
 
 
 @pytest.mark.parametrize("name", ["adamw", "adamw8bit", "adafactor"])
@@ -161,6 +224,8 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
     mp.spawn(_worker, args=(_free_port(), _fsdp_body, name, str(out), str(tmp_path / "dcp")), nprocs=WORLD, join=True)
     result = torch.load(out, weights_only=True)
     reference, ref_opt = _single_process(name)
+    worst = max((result["final"][k] - v).abs().max().item() for k, v in reference.state_dict().items())
+    print(f"{name}: max |FSDP2 - one process| = {worst:.3g}")
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(result["final"][key], value, rtol=1e-5, atol=1e-5, msg=key)
         assert torch.equal(result["resumed"][key], result["final"][key]), key
@@ -178,6 +243,21 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
         "adafactor": ["col_var", "row_var", "variance"],
     }[name]
     assert result["sharded_keys"] == expected
+    if name == "adamw8bit":
+        uneven = result["uneven"]
+        model = _uneven_model()
+        opt = _uneven_optimizer(model)
+        _uneven_train(model, opt, range(5))
+        worst = max((uneven["final"][k] - v).abs().max().item() for k, v in model.state_dict().items())
+        print(f"uneven 8-bit shards: max |FSDP2 - one process| = {worst:.3g}")
+        for key, value in model.state_dict().items():
+            assert torch.equal(uneven["resumed"][key], uneven["final"][key]), key
+            # the per-rank blocks differ from the unsharded ones here: quantization-level agreement
+            torch.testing.assert_close(uneven["final"][key], value, rtol=0, atol=2e-3, msg=key)
+        # the 1 x 3 head: rank 0 holds the row and uses 1 of its absmax values, rank 1 holds none
+        assert [s["head_codes_rows"] for s in uneven["sizes"]] == [1, 0]
+        assert [s["head_absmax_local"] for s in uneven["sizes"]] == [1, 1]
+        assert uneven["sizes"][0]["head_absmax_global"] == 2
     whole = state_bytes(ref_opt)
     bases = sum(b.numel() * b.element_size() for b in _bases(ref_opt))
     steps = sum(s["step"].numel() * 4 + (s["refresh_offset"].numel() * 4 if "refresh_offset" in s else 0)
@@ -294,6 +374,8 @@ def test_layerwise_8bit_equals_one_process(tmp_path, engine):
         # the ranks accumulate in full (FSDP2: the sharded .grad; DDP: no_sync)
         opt, lw = _layerwise(model, micro, clip=micro == 1)
         norms = _layerwise_train(model, lw, range(STEPS), None, micro)
+        worst = max((result[micro]["params"][k] - v).abs().max().item() for k, v in model.state_dict().items())
+        print(f"layer-wise 8-bit {engine}, {micro} micro-batch(es): max |multi-process - one process| = {worst:.3g}")
         for key, value in model.state_dict().items():
             torch.testing.assert_close(result[micro]["params"][key], value, rtol=1e-5, atol=1e-5, msg=(micro, key))
         assert result[micro]["same_bases"]
