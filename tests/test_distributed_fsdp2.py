@@ -109,6 +109,12 @@ def _bases(opt):
     return [s[k] for s in opt.state.values() for k in (C.BASIS_LEFT, C.BASIS_RIGHT) if k in s]
 
 
+def _whole(t):
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def _fsdp_body(rank, name, out, ckpt):
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -126,8 +132,9 @@ def _fsdp_body(rank, name, out, ckpt):
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
     _train(model, opt, rank, range(SAVE_AT, STEPS))
     final = {k: v.full_tensor() for k, v in model.state_dict().items()}
-    bases = _bases(opt)
-    same_bases = _same_on_every_rank(bases)
+    bases = _bases(opt)  # GaLoreAdafactor keeps them sharded: gathered here
+    same_bases = _same_on_every_rank([_whole(b) for b in bases])
+    bases_whole = [_whole(b) for b in bases]
     sharded_keys = sorted({k for s in opt.state.values() for k, v in s.items() if isinstance(v, DTensor)})
     mine = torch.tensor([state_bytes(opt)])
     per_rank = [torch.zeros_like(mine) for _ in range(WORLD)]
@@ -146,6 +153,7 @@ def _fsdp_body(rank, name, out, ckpt):
         torch.save({
             "final": final, "resumed": resumed, "same_bases": same_bases, "n_bases": len(bases),
             "sharded_keys": sharded_keys, "bytes": [int(b) for b in per_rank], "uneven": uneven,
+            "bases": bases_whole,
         }, out)  # fmt: skip
 
 
@@ -215,9 +223,11 @@ def _uneven_8bit(rank, mesh, ckpt):
 def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, name):
     """FSDP2 with a right-projected, a left-projected and a full-size matrix (8-bit for
     GaLoreAdamW8bit, codes and absmax sharded), 7 steps with refreshes: the weights of one
-    unsharded process on the full batch to 1e-5; the same bases on both ranks; each rank holds
-    about half of the unsharded optimizer's state bytes (the bases are whole on every rank); a DCP
-    checkpoint at step 4 loaded into a fresh model and optimizer continues to bit-identical weights."""
+    unsharded process on the full batch to 1e-5; the same bases on both ranks (and those of one
+    process, to 1e-5); each rank holds half of the sharded state's bytes (GaLoreAdamW and
+    GaLoreAdamW8bit keep the bases whole on every rank, GaLoreAdafactor shards them too); a DCP
+    checkpoint at step 4 loaded into a fresh model and optimizer continues to bit-identical weights.
+    GaLoreAdamW8bit also runs uneven shards (see _uneven_8bit)."""
     from galore_opt.optim._fsdp import state_bytes
 
     out = tmp_path / "out.pt"
@@ -230,6 +240,8 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
         torch.testing.assert_close(result["final"][key], value, rtol=1e-5, atol=1e-5, msg=key)
         assert torch.equal(result["resumed"][key], result["final"][key]), key
     assert result["n_bases"] == 2 and result["same_bases"]
+    for mine, ref in zip(result["bases"], _bases(ref_opt), strict=True):
+        torch.testing.assert_close(mine.float(), ref.float(), rtol=0, atol=1e-5)
     expected = {
         "adamw": ["exp_avg", "exp_avg_sq"],
         "adamw8bit": [
@@ -240,7 +252,7 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
             "exp_avg_sq_absmax",
             "exp_avg_sq_codes",
         ],
-        "adafactor": ["col_var", "row_var", "variance"],
+        "adafactor": ["basis_left", "basis_right", "col_var", "row_var", "variance"],
     }[name]
     assert result["sharded_keys"] == expected
     if name == "adamw8bit":
@@ -259,7 +271,7 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
         assert [s["head_absmax_local"] for s in uneven["sizes"]] == [1, 1]
         assert uneven["sizes"][0]["head_absmax_global"] == 2
     whole = state_bytes(ref_opt)
-    bases = sum(b.numel() * b.element_size() for b in _bases(ref_opt))
+    bases = 0 if name == "adafactor" else sum(b.numel() * b.element_size() for b in _bases(ref_opt))
     steps = sum(s["step"].numel() * 4 + (s["refresh_offset"].numel() * 4 if "refresh_offset" in s else 0)
                 for s in ref_opt.state.values())  # fmt: skip
     for held in result["bytes"]:

@@ -21,8 +21,9 @@ from ..functional.adafactor import (
 from ._fsdp import is_dtensor as _is_dtensor
 from .base import GaLoreOptimizer
 
-#: state keys of an FSDP2 parameter kept whole on every rank (the rest is sharded)
-_REPLICATED_KEYS = (C.STEP, C.REFRESH_OFFSET, C.BASIS_LEFT, C.BASIS_RIGHT)
+#: state keys of an FSDP2 parameter kept whole on every rank (the rest is sharded, the bases too:
+#: they are most of Adafactor's state, and the step all-gathers the state anyway)
+_REPLICATED_KEYS = (C.STEP, C.REFRESH_OFFSET)
 
 _DEFAULT_EPS = {"torch": (None, 1e-3), "galore_torch": (1e-30, 1e-3)}
 
@@ -207,10 +208,12 @@ class GaLoreAdafactor(GaLoreOptimizer):
         small next to the weight. So the weight, the gradient and the state are all-gathered, the
         unsharded step runs on them (the same arithmetic as one process, on every rank; the basis
         is seeded from step and parameter, so every rank computes the same one), and each rank
-        keeps its weight rows and its share of the state: every state tensor but the bases and
-        the step is stored as a DTensor sharded on its largest dimension. Costs, per step and
-        parameter: all-gathers of the weight, the gradient and the state (the weight's all-gather
-        is FSDP2's own forward cost once more), and the whole update's arithmetic on every rank.
+        keeps its weight rows and its share of the state: every state tensor but the step counts,
+        the bases included (computed whole on every rank, then cut), is stored as a DTensor
+        sharded on its largest dimension. With the factored second moment the basis is most of
+        Adafactor's state, so this is what halves it. Costs, per step and parameter: all-gathers
+        of the weight, the gradient and the state (the weight's all-gather is FSDP2's own forward
+        cost once more), and the whole update's arithmetic on every rank.
         """
         from ._fsdp import check_sharding, local_rows, shard_largest
 
