@@ -363,8 +363,52 @@ def _layerwise_body(rank, engine, out, ckpt):
             lw2.micro_step, lw2._prev_norm = SAVE_AT, norms[SAVE_AT - 1]
             _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank, micro)
             result["resumed"] = {k: v.full_tensor() for k, v in model2.state_dict().items()}
+            result["trainer_fsdp_checkpoint"] = _trainer_fsdp_checkpoint(rank, mesh, ckpt + "_trainer")
     if rank == 0:
         torch.save(result, out)
+
+
+def _trainer_fsdp_checkpoint(rank, mesh, ckpt):
+    """What GaLoreTrainer does to checkpoint a layer-wise optimizer under FSDP (accelerate sets FSDP
+    up on accelerators only, so the Trainer itself cannot run it on CPUs): accelerate's FSDP2
+    optimizer save and load, handed the wrapped optimizer through ``_galore_fsdp_checkpoint``, and
+    the wrapper's counters beside it. Returns the weights of the run resumed from step 4 and of the
+    uninterrupted one, after 7 steps."""
+    import types
+
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer, save_fsdp_optimizer
+
+    from galore_opt.integrations.transformers import GaLoreTrainer, layerwise_meta, load_layerwise_meta
+
+    accelerator = Accelerator(cpu=True)  # joins the process group (on CPUs: no FSDP plugin)
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
+
+    def trainer():  # the attributes of a GaLoreTrainer that the checkpoint code reads
+        model = _fsdp_model(mesh)
+        _, lw = _layerwise(model, 1, clip=True)
+        fake = types.SimpleNamespace(optimizer=AcceleratedOptimizer(lw, device_placement=False), galore_layerwise=True,
+                                     is_fsdp_enabled=True)  # fmt: skip
+        return model, lw, fake
+
+    model, lw, fake = trainer()
+    _layerwise_train(model, lw, range(SAVE_AT), rank)
+    with GaLoreTrainer._galore_fsdp_checkpoint(fake) as wrapper:
+        assert wrapper is lw and fake.optimizer.optimizer is lw.optimizers[0]
+        save_fsdp_optimizer(plugin, accelerator, fake.optimizer, model, ckpt)
+    assert fake.optimizer.optimizer is lw
+    meta = layerwise_meta(lw)
+    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    _layerwise_train(model, lw, range(SAVE_AT, STEPS), rank)
+
+    model2, lw2, fake2 = trainer()
+    model2.load_state_dict(weights)
+    with GaLoreTrainer._galore_fsdp_checkpoint(fake2):
+        load_fsdp_optimizer(plugin, accelerator, fake2.optimizer, model2, ckpt)
+    load_layerwise_meta(lw2, meta)
+    _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank)
+    return [{k: v.full_tensor() for k, v in m.state_dict().items()} for m in (model, model2)]
 
 
 @pytest.mark.parametrize("engine", ["fsdp2", "ddp"])
@@ -396,6 +440,9 @@ def test_layerwise_8bit_equals_one_process(tmp_path, engine):
     if engine == "fsdp2":
         for key, value in result[1]["params"].items():
             assert torch.equal(result["resumed"][key], value), key
+        uninterrupted, resumed = result["trainer_fsdp_checkpoint"]
+        for key, value in uninterrupted.items():
+            assert torch.equal(resumed[key], value), key
         _, ref_opt = _single_process("adamw8bit")
         whole = state_bytes_of(ref_opt)
         for held in result["bytes"]:

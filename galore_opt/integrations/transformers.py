@@ -64,7 +64,9 @@ gradient and the optimizer updates once per step (``accumulation_steps=1``; the 
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 from typing import Any
 
@@ -312,6 +314,26 @@ def _attach_layerwise(model: torch.nn.Module, optimizer: Any) -> None:
         )
 
 
+#: the layer-wise wrapper's counters beside an FSDP checkpoint of the wrapped optimizer
+LAYERWISE_META = "galore_layerwise.pt"
+
+
+def layerwise_meta(layerwise: LayerwiseOptimizer) -> dict[str, Any]:
+    """What a ``LayerwiseOptimizer`` adds to its wrapped optimizers' state: the update counter and
+    the last global gradient norm (the next update's clipping threshold), as tensors."""
+    norm = layerwise.grad_norm
+    return {
+        "micro_step": torch.tensor(layerwise.micro_step),
+        "prev_norm": torch.tensor(math.nan if norm is None else norm, dtype=torch.float64),
+    }
+
+
+def load_layerwise_meta(layerwise: LayerwiseOptimizer, meta: dict[str, Any]) -> None:
+    layerwise.micro_step = int(meta["micro_step"])
+    norm = float(meta["prev_norm"])
+    layerwise._prev_norm = None if math.isnan(norm) else norm
+
+
 def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -381,6 +403,47 @@ def _make_trainer_class():
             if self.galore_layerwise:
                 _attach_layerwise(model, self.optimizer)
             return super().training_step(model, *args, **kwargs)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            with self._galore_fsdp_checkpoint() as layerwise:
+                super()._save_optimizer_and_scheduler(output_dir)
+            if layerwise is not None and self.args.should_save:
+                torch.save(layerwise_meta(layerwise), os.path.join(output_dir, LAYERWISE_META))
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            with self._galore_fsdp_checkpoint() as layerwise:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            if layerwise is not None and checkpoint is not None:
+                meta = os.path.join(checkpoint, LAYERWISE_META)
+                if os.path.isfile(meta):
+                    load_layerwise_meta(layerwise, torch.load(meta, weights_only=True))
+
+        @contextlib.contextmanager
+        def _galore_fsdp_checkpoint(self):
+            """Under FSDP the Trainer checkpoints the optimizer with accelerate's FSDP helpers, which
+            read it through ``torch.distributed.checkpoint``'s state-dict API: in layer-wise mode
+            they get the wrapped optimizer (torch's state-dict layout, DTensor state) and the
+            wrapper's own counters go to a file beside it. Yields that wrapper, or None."""
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not (self.galore_layerwise and getattr(self, "is_fsdp_enabled", False)) or not isinstance(
+                inner, LayerwiseOptimizer
+            ):
+                yield None
+                return
+            if len(inner.optimizers) != 1:
+                raise ValueError("FSDP checkpoints of a LayerwiseOptimizer need it to wrap one optimizer")
+            holder = self.optimizer if inner is not self.optimizer else None
+            if holder is not None:
+                holder.optimizer = inner.optimizers[0]
+            else:
+                self.optimizer = inner.optimizers[0]
+            try:
+                yield inner
+            finally:
+                if holder is not None:
+                    holder.optimizer = inner
+                else:
+                    self.optimizer = inner
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self.galore_layerwise and "loss" in logs:
