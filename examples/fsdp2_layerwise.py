@@ -3,7 +3,7 @@ checkpoint, on CPUs or GPUs.
 
     torchrun --nproc-per-node 2 examples/fsdp2_layerwise.py                  # layer-wise 8-bit GaLore
     torchrun --nproc-per-node 2 examples/fsdp2_layerwise.py --optimizer adafactor --no-layerwise
-    accelerate launch --num_processes 2 --cpu examples/fsdp2_layerwise.py    # the same launcher, via accelerate
+    accelerate launch --multi_gpu --num_processes 2 examples/fsdp2_layerwise.py   # the same, via accelerate
 
 Each decoder layer and the whole model are sharded on dim 0 over a 1-D mesh (FSDP2's default). The
 optimizer state of a sharded parameter is sharded too: the moments (8-bit codes and per-block

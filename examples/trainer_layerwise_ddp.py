@@ -1,7 +1,7 @@
 """Layer-wise (optimizer-in-backward) 8-bit GaLore in a multi-process Hugging Face Trainer (DDP).
 
     torchrun --nproc-per-node 2 examples/trainer_layerwise_ddp.py
-    accelerate launch --num_processes 2 --cpu examples/trainer_layerwise_ddp.py
+    accelerate launch --multi_gpu --num_processes 2 examples/trainer_layerwise_ddp.py
 
 ``optim="galore_adamw_8bit_layerwise"``: each parameter is updated inside ``backward`` as soon as
 DDP has averaged its gradient bucket (``LayerwiseOptimizer.register_ddp``, which ``GaLoreTrainer``
