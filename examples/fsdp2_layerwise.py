@@ -30,7 +30,7 @@ from torch.distributed.fsdp import fully_shard
 
 from galore_opt import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit, galore_param_groups
 from galore_opt.layerwise import LayerwiseOptimizer
-from galore_opt.optim._fsdp import state_bytes
+from galore_opt.optim.fsdp import state_bytes
 from galore_opt.toy import build_llama, llama_config
 
 VOCAB = 256

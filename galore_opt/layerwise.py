@@ -25,6 +25,13 @@ the norm of the projected gradient, i.e. of the part the optimizer uses). Clippi
 the global norm, so ``clip_mode="previous"`` scales each gradient by ``min(1, max_grad_norm /
 previous global norm)`` and ``clip_mode="parameter"`` clips each parameter's gradient to
 ``max_grad_norm`` on its own.
+
+Several processes: under DDP call :meth:`LayerwiseOptimizer.register_ddp` (the updates then run from
+DDP's communication hook, after the gradients are averaged). Under FSDP2 (``fully_shard``, 1-D mesh)
+nothing is needed: FSDP2 runs each sharded parameter's post-accumulate-grad hooks once its gradient
+is reduce-scattered, so the update sees the averaged shard; sharded gradients accumulate in full,
+and the global norm and per-parameter clipping all-reduce the shards' squared norms. HSDP (a 2-D
+mesh) is refused. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def _fsdp_body(rank, name, out, ckpt):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
-    from galore_opt.optim._fsdp import state_bytes
+    from galore_opt.optim.fsdp import state_bytes
 
     mesh = init_device_mesh("cpu", (WORLD,))
     model = _fsdp_model(mesh)
@@ -228,7 +228,7 @@ def test_fsdp2_equals_one_process_shards_state_and_resumes_from_dcp(tmp_path, na
     GaLoreAdamW8bit keep the bases whole on every rank, GaLoreAdafactor shards them too); a DCP
     checkpoint at step 4 loaded into a fresh model and optimizer continues to bit-identical weights.
     GaLoreAdamW8bit also runs uneven shards (see _uneven_8bit)."""
-    from galore_opt.optim._fsdp import state_bytes
+    from galore_opt.optim.fsdp import state_bytes
 
     out = tmp_path / "out.pt"
     mp.spawn(_worker, args=(_free_port(), _fsdp_body, name, str(out), str(tmp_path / "dcp")), nprocs=WORLD, join=True)
@@ -322,7 +322,7 @@ def _layerwise_body(rank, engine, out, ckpt):
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
 
-    from galore_opt.optim._fsdp import state_bytes
+    from galore_opt.optim.fsdp import state_bytes
 
     result = {}
     if engine == "ddp":
@@ -451,7 +451,7 @@ def test_layerwise_8bit_equals_one_process(tmp_path, engine):
 
 
 def state_bytes_of(opt):
-    from galore_opt.optim._fsdp import state_bytes
+    from galore_opt.optim.fsdp import state_bytes
 
     return state_bytes(opt)
 

@@ -18,8 +18,8 @@ from ..functional.adafactor import (
     adafactor_update,
     init_adafactor_state,
 )
-from ._fsdp import is_dtensor as _is_dtensor
 from .base import GaLoreOptimizer
+from .fsdp import is_dtensor as _is_dtensor
 
 #: state keys of an FSDP2 parameter kept whole on every rank (the rest is sharded, the bases too:
 #: they are most of Adafactor's state, and the step all-gathers the state anyway)
@@ -60,6 +60,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
 
     Bases are computed and stored in fp32 by default (``basis_dtype`` group key): galore-torch's
     Adafactor projects the fp32-cast gradient and so keeps an fp32 basis too.
+
+    FSDP2 (DTensor parameters sharded on dim 0 over a 1-D mesh): the step of a sharded parameter
+    all-gathers it, its gradient and its state and runs the unsharded arithmetic; the state, bases
+    included, stays sharded between steps (see :meth:`_step_sharded`).
     """
 
     def __init__(
@@ -215,7 +219,7 @@ class GaLoreAdafactor(GaLoreOptimizer):
         of the weight, the gradient and the state (the weight's all-gather is FSDP2's own forward
         cost once more), and the whole update's arithmetic on every rank.
         """
-        from ._fsdp import check_sharding, local_rows, shard_largest
+        from .fsdp import check_sharding, local_rows, shard_largest
 
         check_sharding(p, type(self).__name__)
         if p.grad is None:

@@ -472,14 +472,14 @@ class GaLoreAdamW(GaLoreOptimizer):
 
     def _step_sharded(self, group, p, index, low_rank_grad, hyper) -> None:
         """A GaLore step of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh): see
-        :func:`galore_opt.optim._fsdp.galore_step_sharded`."""
-        from ._fsdp import galore_step_sharded
+        :func:`galore_opt.optim.fsdp.galore_step_sharded`."""
+        from .fsdp import galore_step_sharded
 
         galore_step_sharded(self, group, p, index, low_rank_grad, hyper)
 
     def _init_sharded_moments(self, state, p, shape, group) -> None:
         """The low-rank moments of an FSDP2 parameter: ``Shard(0)`` DTensors of ``shape``."""
-        from ._fsdp import sharded_full
+        from .fsdp import sharded_full
 
         for key in (C.EXP_AVG, C.EXP_AVG_SQ):
             state[key] = sharded_full(shape, 0.0, p.dtype, p.to_local().device, p.device_mesh)

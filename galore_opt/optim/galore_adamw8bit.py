@@ -62,6 +62,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     size; the result is the same as updating it at once (every operation is elementwise or
     per block). At LLaMA-7B the head's update would otherwise hold ~2.4 GiB of fp32 temporaries
     at the moment of the training step's memory peak.
+
+    FSDP2 (DTensor parameters sharded on dim 0 over a 1-D mesh): the codes are sharded like the
+    moment, each rank quantizes its rows in blocks that start at its shard, and the absmax is a
+    per-rank padded DTensor; the updates equal the unsharded ones when every shard starts on a
+    block boundary (:mod:`galore_opt.optim.fsdp`, ``docs/distributed.md``).
     """
 
     #: elements per slice of a full-size 8-bit parameter's update (rounded down to whole blocks)
@@ -152,7 +157,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         if C.EXP_AVG_CODES not in state:
             return False
         if _is_dtensor(p):
-            from ._fsdp import check_sharding, local_moments
+            from .fsdp import check_sharding, local_moments
 
             check_sharding(p, type(self).__name__)
             local = local_moments(state, self._block_size)
@@ -266,9 +271,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     def _init_sharded_moments(self, state: dict[str, Any], p: Tensor, shape: tuple[int, ...], group: dict[str, Any]) -> None:
         """The moments of an FSDP2 parameter, ``Shard(0)`` DTensors of ``shape``: 8-bit codes with a
-        per-rank block layout (:mod:`galore_opt.optim._fsdp`), or fp32 below ``min_8bit_size``
+        per-rank block layout (:mod:`galore_opt.optim.fsdp`), or fp32 below ``min_8bit_size``
         elements (counted over the whole moment, so the choice is the unsharded optimizer's)."""
-        from ._fsdp import check_sharding, sharded_absmax, sharded_full
+        from .fsdp import check_sharding, sharded_absmax, sharded_full
 
         check_sharding(p, type(self).__name__)
         mesh, device = p.device_mesh, p.to_local().device
