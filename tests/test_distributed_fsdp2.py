@@ -496,3 +496,35 @@ def test_fsdp2_layerwise_example_trains_and_resumes_from_dcp(tmp_path):
     assert line.startswith("2 process(es), FSDP2, layer-wise adamw8bit") and "resumed max |diff| 0" in line
     first, last = (float(v) for v in line.split("loss ")[1].split(";")[0].split(" -> "))
     assert last < first
+
+
+@pytest.mark.parametrize("numerics", ["torch", "galore_torch"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_sharded_arithmetic_is_galore_adamw_update_split_at_the_normalized_update(numerics, side):
+    """The sharded step runs galore_adamw_update's arithmetic in two halves (moments -> N on the
+    rank's rows, then the weight update from N): on whole tensors the two give the same bits, for
+    both numerics (galore_torch: eps before bias correction, weight decay after the update)."""
+    from galore_opt.functional import galore_adamw_update
+    from galore_opt.functional.adamw import bases_for_compute
+    from galore_opt.optim.fsdp import _apply, _normalized
+
+    g = torch.Generator().manual_seed(3)
+    m, n, r = 12, 10, 3
+    weight, grad = torch.randn(m, n, generator=g), torch.randn(m, n, generator=g)
+    basis = torch.linalg.qr(torch.randn(m if side == "left" else n, r, generator=g))[0]
+    left, right = (basis, None) if side == "left" else (None, basis.t().contiguous())
+    low_shape = (r, n) if side == "left" else (m, r)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1, numerics=numerics, correct_bias=True)
+    states = [(torch.rand(low_shape, generator=g), torch.rand(low_shape, generator=g)) for _ in range(2)]
+    states[1] = tuple(t.clone() for t in states[0])
+    expected = weight.clone()
+    step = torch.tensor(4.0)
+    galore_adamw_update(expected, grad, *states[0], step, left, right, scale=0.5, **hyper)
+    got = weight.clone()
+    left_c, right_c, compute_dtype = bases_for_compute(grad, left, right)
+    low = grad @ right_c.t() if side == "right" else left_c.t() @ grad
+    norm = _normalized(low, *states[1], 5.0, hyper)
+    _apply(got, norm, left_c, right_c, 5.0, hyper, 0.5, compute_dtype)
+    assert torch.equal(got, expected)
+    for a, b in zip(states[0], states[1], strict=True):
+        assert torch.equal(a, b)
