@@ -94,7 +94,7 @@ def main(argv=None):
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=checkpoint)
     # layer-wise bookkeeping beside the checkpoint: the update counter and the last global norm
     # (the next update's clipping threshold)
-    meta = (wrapper.micro_step, wrapper.grad_norm) if args.layerwise else None
+    meta = wrapper.wrapper_state_dict() if args.layerwise else None
     losses += train(model, wrapper, range(half, args.steps), rank, args, device)
     final = {k: v.full_tensor() for k, v in model.state_dict().items()}
     held = state_bytes(opt)
@@ -105,7 +105,7 @@ def main(argv=None):
     dcp.load(loaded, checkpoint_id=checkpoint)
     set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
     if args.layerwise:
-        wrapper2.micro_step, wrapper2._prev_norm = meta
+        wrapper2.load_wrapper_state_dict(meta)
     train(model2, wrapper2, range(half, args.steps), rank, args, device)
     resumed = {k: v.full_tensor() for k, v in model2.state_dict().items()}
     diff = max((final[k] - resumed[k]).abs().max().item() for k in final)

@@ -425,6 +425,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
+    def wrapper_state_dict(self) -> dict[str, Tensor]:
+        """The wrapper's own state, without the wrapped optimizers': the update counter and the last
+        global gradient norm (the next update's threshold under ``clip_mode="previous"``; NaN
+        before the first update), as tensors. For distributed checkpoints (FSDP2), which save the
+        wrapped optimizer through ``torch.distributed.checkpoint.state_dict``: keep this beside it
+        and restore it with :meth:`load_wrapper_state_dict`."""
+        if self._low_rank or self.micro_step % self.accumulation_steps:
+            raise RuntimeError("save between updates, not in the middle of an accumulation")
+        norm = self.grad_norm
+        return {
+            "micro_step": torch.tensor(self.micro_step),
+            "prev_norm": torch.tensor(math.nan if norm is None else norm, dtype=torch.float64),
+        }
+
+    def load_wrapper_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`wrapper_state_dict` saved."""
+        self.micro_step = int(state["micro_step"])
+        norm = float(state["prev_norm"])
+        self._prev_norm = None if math.isnan(norm) else norm
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():

@@ -344,6 +344,7 @@ def _layerwise_body(rank, engine, out, ckpt):
         if micro == 1:
             msd, osd = get_state_dict(model, opt)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+            wrapper_state = lw.wrapper_state_dict()  # the update counter and last norm, beside it
         norms += _layerwise_train(model, lw, range(SAVE_AT, STEPS), rank, micro)
         final = {k: v.full_tensor() for k, v in model.state_dict().items()}
         result[micro] = {"params": final, "norms": torch.tensor(norms), "same_bases": _same_on_every_rank(_bases(opt))}
@@ -352,15 +353,14 @@ def _layerwise_body(rank, engine, out, ckpt):
             per_rank = [torch.zeros_like(mine) for _ in range(WORLD)]
             dist.all_gather(per_rank, mine)
             result["bytes"] = [int(b) for b in per_rank]
-            # resume: a fresh model and layer-wise optimizer from the checkpoint (the clipping
-            # threshold's previous norm is layer-wise metadata, carried beside the DCP state)
+            # resume: a fresh model and layer-wise optimizer from the checkpoint
             model2 = _fsdp_model(mesh)
             opt2, lw2 = _layerwise(model2, micro, clip=True)
             msd2, osd2 = get_state_dict(model2, opt2)
             loaded = {"model": msd2, "optim": osd2}
             dcp.load(loaded, checkpoint_id=ckpt)
             set_state_dict(model2, opt2, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
-            lw2.micro_step, lw2._prev_norm = SAVE_AT, norms[SAVE_AT - 1]
+            lw2.load_wrapper_state_dict(wrapper_state)
             _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank, micro)
             result["resumed"] = {k: v.full_tensor() for k, v in model2.state_dict().items()}
             result["trainer_fsdp_checkpoint"] = _trainer_fsdp_checkpoint(rank, mesh, ckpt + "_trainer")
@@ -380,7 +380,7 @@ def _trainer_fsdp_checkpoint(rank, mesh, ckpt):
     from accelerate.optimizer import AcceleratedOptimizer
     from accelerate.utils import FullyShardedDataParallelPlugin, load_fsdp_optimizer, save_fsdp_optimizer
 
-    from galore_opt.integrations.transformers import GaLoreTrainer, layerwise_meta, load_layerwise_meta
+    from galore_opt.integrations.transformers import GaLoreTrainer
 
     accelerator = Accelerator(cpu=True)  # joins the process group (on CPUs: no FSDP plugin)
     plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT")
@@ -398,7 +398,7 @@ def _trainer_fsdp_checkpoint(rank, mesh, ckpt):
         assert wrapper is lw and fake.optimizer.optimizer is lw.optimizers[0]
         save_fsdp_optimizer(plugin, accelerator, fake.optimizer, model, ckpt)
     assert fake.optimizer.optimizer is lw
-    meta = layerwise_meta(lw)
+    meta = lw.wrapper_state_dict()
     weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     _layerwise_train(model, lw, range(SAVE_AT, STEPS), rank)
 
@@ -406,7 +406,7 @@ def _trainer_fsdp_checkpoint(rank, mesh, ckpt):
     model2.load_state_dict(weights)
     with GaLoreTrainer._galore_fsdp_checkpoint(fake2):
         load_fsdp_optimizer(plugin, accelerator, fake2.optimizer, model2, ckpt)
-    load_layerwise_meta(lw2, meta)
+    lw2.load_wrapper_state_dict(meta)
     _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank)
     return [{k: v.full_tensor() for k, v in m.state_dict().items()} for m in (model, model2)]
 

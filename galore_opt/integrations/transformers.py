@@ -318,22 +318,6 @@ def _attach_layerwise(model: torch.nn.Module, optimizer: Any) -> None:
 LAYERWISE_META = "galore_layerwise.pt"
 
 
-def layerwise_meta(layerwise: LayerwiseOptimizer) -> dict[str, Any]:
-    """What a ``LayerwiseOptimizer`` adds to its wrapped optimizers' state: the update counter and
-    the last global gradient norm (the next update's clipping threshold), as tensors."""
-    norm = layerwise.grad_norm
-    return {
-        "micro_step": torch.tensor(layerwise.micro_step),
-        "prev_norm": torch.tensor(math.nan if norm is None else norm, dtype=torch.float64),
-    }
-
-
-def load_layerwise_meta(layerwise: LayerwiseOptimizer, meta: dict[str, Any]) -> None:
-    layerwise.micro_step = int(meta["micro_step"])
-    norm = float(meta["prev_norm"])
-    layerwise._prev_norm = None if math.isnan(norm) else norm
-
-
 def _is_dtensor(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
@@ -408,7 +392,7 @@ def _make_trainer_class():
             with self._galore_fsdp_checkpoint() as layerwise:
                 super()._save_optimizer_and_scheduler(output_dir)
             if layerwise is not None and self.args.should_save:
-                torch.save(layerwise_meta(layerwise), os.path.join(output_dir, LAYERWISE_META))
+                torch.save(layerwise.wrapper_state_dict(), os.path.join(output_dir, LAYERWISE_META))
 
         def _load_optimizer_and_scheduler(self, checkpoint):
             with self._galore_fsdp_checkpoint() as layerwise:
@@ -416,7 +400,7 @@ def _make_trainer_class():
             if layerwise is not None and checkpoint is not None:
                 meta = os.path.join(checkpoint, LAYERWISE_META)
                 if os.path.isfile(meta):
-                    load_layerwise_meta(layerwise, torch.load(meta, weights_only=True))
+                    layerwise.load_wrapper_state_dict(torch.load(meta, weights_only=True))
 
         @contextlib.contextmanager
         def _galore_fsdp_checkpoint(self):
