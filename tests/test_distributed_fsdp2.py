@@ -364,8 +364,35 @@ def _layerwise_body(rank, engine, out, ckpt):
             _layerwise_train(model2, lw2, range(SAVE_AT, STEPS), rank, micro)
             result["resumed"] = {k: v.full_tensor() for k, v in model2.state_dict().items()}
             result["trainer_fsdp_checkpoint"] = _trainer_fsdp_checkpoint(rank, mesh, ckpt + "_trainer")
+    result["hsdp_errors"] = _hsdp_errors()
     if rank == 0:
         torch.save(result, out)
+
+
+def _hsdp_errors():
+    """HSDP (fully_shard on a 2-D mesh: replicated over dim 0, sharded over dim 1) is refused by the
+    layer-wise wrapper when it is built, and by the optimizers at their first step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from galore_opt.layerwise import LayerwiseOptimizer
+
+    mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+    errors = []
+    for name in ("adamw", "adamw8bit", "adafactor"):
+        model = fully_shard(_model(), mesh=mesh)
+        opt = _optimizer(name, model)
+        try:
+            LayerwiseOptimizer(opt)
+        except NotImplementedError as e:
+            errors.append(str(e))
+        x, y = _half(0, torch.distributed.get_rank())
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        try:
+            opt.step()
+        except NotImplementedError as e:
+            errors.append(str(e))
+    return errors
 
 
 def _trainer_fsdp_checkpoint(rank, mesh, ckpt):
@@ -440,6 +467,8 @@ def test_layerwise_8bit_equals_one_process(tmp_path, engine):
     if engine == "fsdp2":
         for key, value in result[1]["params"].items():
             assert torch.equal(result["resumed"][key], value), key
+        errors = result["hsdp_errors"]
+        assert len(errors) == 6 and all("HSDP (a 2-D mesh)" in e and "not supported" in e for e in errors), errors
         uninterrupted, resumed = result["trainer_fsdp_checkpoint"]
         for key, value in uninterrupted.items():
             assert torch.equal(resumed[key], value), key
@@ -528,3 +557,27 @@ def test_sharded_arithmetic_is_galore_adamw_update_split_at_the_normalized_updat
     assert torch.equal(got, expected)
     for a, b in zip(states[0], states[1], strict=True):
         assert torch.equal(a, b)
+
+
+def test_wrapper_state_dict_round_trip_and_refuses_mid_accumulation():
+    """The layer-wise wrapper's own state (kept beside a distributed checkpoint of the wrapped
+    optimizer): the update counter and the last global norm, as tensors; NaN before any update;
+    refused in the middle of an accumulation, like state_dict()."""
+    from galore_opt.layerwise import LayerwiseOptimizer
+
+    model = _model()
+    lw = LayerwiseOptimizer(_optimizer("adamw", model), accumulation_steps=2, max_grad_norm=1.0)
+    fresh = lw.wrapper_state_dict()
+    assert int(fresh["micro_step"]) == 0 and torch.isnan(fresh["prev_norm"])
+    x, y = _batch(0)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    with pytest.raises(RuntimeError, match="in the middle of an accumulation"):
+        lw.wrapper_state_dict()
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    saved = lw.wrapper_state_dict()
+    assert int(saved["micro_step"]) == 2 and float(saved["prev_norm"]) == pytest.approx(lw.grad_norm)
+    other = LayerwiseOptimizer(_optimizer("adamw", _model()), accumulation_steps=2, max_grad_norm=1.0)
+    other.load_wrapper_state_dict(saved)
+    assert other.micro_step == 2 and other.grad_norm == pytest.approx(lw.grad_norm)
+    other.load_wrapper_state_dict(fresh)
+    assert other.grad_norm is None

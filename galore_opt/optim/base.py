@@ -187,6 +187,10 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if _is_dtensor(p):  # FSDP2: checked before any parameter is updated
+            from .fsdp import check_sharding
+
+            check_sharding(p, type(self).__name__)
         if grad.shape != p.shape:
             raise RuntimeError(
                 f"the gradient of a parameter of shape {tuple(p.shape)} has shape {tuple(grad.shape)}: "
