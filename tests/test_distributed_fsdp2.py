@@ -8,6 +8,7 @@ distributed checkpoint (DCP) saved mid-run that resumes to bit-identical weights
 """
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -159,7 +160,8 @@ def _fsdp_body(rank, name, out, ckpt):
 
 def _uneven_model():
     # 3 rows: 2 on rank 0, 1 on rank 1 (left-projected at rank 2: 2 x 16 moments, one row each);
-    # the 1-row head and its bias: everything on rank 0, rank 1's shards are empty
+    # the 1-row head (a GaLore matrix at rank 1 = min(m, n): no basis, the full update times
+    # scale) and its bias: everything on rank 0, rank 1's shards are empty
     torch.manual_seed(1)
     return torch.nn.Sequential(torch.nn.Linear(16, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
 
@@ -168,7 +170,14 @@ def _uneven_optimizer(model):
     from galore_opt import GaLoreAdamW8bit, galore_param_groups
 
     groups = galore_param_groups(model, target_modules=["0"], rank=2, update_proj_gap=2)
-    return GaLoreAdamW8bit(groups, lr=1e-2, block_size=BLOCK, min_8bit_size=0)
+    head = model[2].weight
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p is not head]
+        g.pop("param_names", None)
+    groups.append({"params": [head], "rank": 1, "update_proj_gap": 2})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "rank=1 >= min")
+        return GaLoreAdamW8bit(groups, lr=1e-2, block_size=BLOCK, min_8bit_size=0)
 
 
 def _uneven_train(model, opt, steps, rank=None):

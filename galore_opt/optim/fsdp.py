@@ -154,7 +154,9 @@ def galore_step_sharded(opt, group: dict[str, Any], p: Tensor, index: int, low_r
     gradient is the all-reduced sum of the ranks' ``P_k^T G_k`` (r x n); each rank updates its rows
     of the (sharded) moments and the normalized rows are all-gathered; each rank then adds
     ``P_k N`` to its weight rows. Right basis ``Q`` (r x n, whole on every rank): each rank projects
-    its rows, ``G_k Q^T``, and updates its moment rows and weight rows, with no communication.
+    its rows, ``G_k Q^T``, and updates its moment rows and weight rows, with no communication. No
+    basis (``rank >= min(m, n)`` under torch numerics): the full update of the rank's rows, times
+    ``scale``.
     The arithmetic is :func:`galore_opt.functional.galore_adamw_update`'s, split at the normalized
     update ``N``, so results equal the unsharded optimizer's up to the order of the reduction.
     """
@@ -182,9 +184,9 @@ def galore_step_sharded(opt, group: dict[str, Any], p: Tensor, index: int, low_r
         full = grad.full_tensor()
         deferred = opt._refresh_if_due(p, full, group, index, side)
         side = opt._side(p, group)
-    if side not in (C.LEFT, C.RIGHT):
+    if side not in (C.LEFT, C.RIGHT, C.NONE):
         raise NotImplementedError(
-            f"{who}: GaLore on DTensor parameters supports the left and right sides, not {side!r}"
+            f"{who}: GaLore on DTensor parameters projects one side (left or right), not {side!r}"
         )
     local_w, local_g = p.to_local(), grad.to_local()
     left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
@@ -202,12 +204,16 @@ def galore_step_sharded(opt, group: dict[str, Any], p: Tensor, index: int, low_r
         norm_rows = _normalized(mine, exp_avg, exp_avg_sq, step, hyper)
         norm = _gather_rows(norm_rows, tuple(low.shape), mesh)
         _apply(local_w, norm, left_c, None, step, hyper, group["scale"], compute_dtype)
-    else:
+    elif side == C.RIGHT:
         _, right_c, compute_dtype = bases_for_compute(local_g, None, right)
         low = local_g.to(compute_dtype) @ right_c.t()  # these rows of G Q^T
         projected = None  # only this rank's rows of G Q^T
         norm = _normalized(low, exp_avg, exp_avg_sq, step, hyper)
         _apply(local_w, norm, None, right_c, step, hyper, group["scale"], compute_dtype)
+    else:  # rank >= min(m, n) under torch numerics: the full update times scale, moments like the weight
+        projected = None
+        norm = _normalized(local_g, exp_avg, exp_avg_sq, step, hyper)
+        _apply(local_w, norm, None, None, step, hyper, group["scale"], local_g.dtype)
     opt._store_moments(local, exp_avg, exp_avg_sq)
     if deferred is not None:
         opt._refresh(p, full, group, index, side, deferred, projected=projected)
