@@ -1,7 +1,7 @@
 """Data-parallel training with accelerate (DDP) and GaLoreAdamW, on CPUs or GPUs.
 
     python examples/accelerate_ddp.py                               # one process
-    accelerate launch --num_processes 2 --cpu examples/accelerate_ddp.py
+    accelerate launch --multi_gpu --num_processes 2 examples/accelerate_ddp.py   # CPUs too (gloo)
     torchrun --nproc-per-node 2 examples/accelerate_ddp.py          # the same, without accelerate's CLI
 
 Every rank draws its own share of each batch; DDP averages the gradients before the optimizer step,

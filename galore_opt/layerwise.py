@@ -27,6 +27,13 @@ the norm of the projected gradient, i.e. of the part the optimizer uses). Clippi
 the global norm, so ``clip_mode="previous"`` scales each gradient by ``min(1, max_grad_norm /
 previous global norm)`` and ``clip_mode="parameter"`` clips each parameter's gradient to
 ``max_grad_norm`` on its own.
+
+Several processes: under DDP call :meth:`LayerwiseOptimizer.register_ddp` (the updates then run from
+DDP's communication hook, after the gradients are averaged). Under FSDP2 (``fully_shard``, 1-D mesh)
+nothing is needed: FSDP2 runs each sharded parameter's post-accumulate-grad hooks once its gradient
+is reduce-scattered, so the update sees the averaged shard; sharded gradients accumulate in full,
+and the global norm and per-parameter clipping all-reduce the shards' squared norms. HSDP (a 2-D
+mesh) is refused. See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -117,6 +124,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         # per-parameter gradient norms of the update in progress, kept on their devices: reading
         # each one (float()) would synchronize the GPU once per parameter inside backward
         self._norms: list[Tensor] = []
+        # FSDP2 parameters: the squared norms of this rank's gradient shards, by process group
+        self._sharded_squares: dict[Any, list[Tensor]] = {}
         # the last update's global norm: a float64 device tensor (read on the host only when
         # grad_norm is read, so an update never synchronizes the device), or a float after a load
         self._prev_norm: Tensor | float | None = None
@@ -135,6 +144,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _attach(self, params: list[Tensor]) -> None:
         for p in params:
+            _check_fsdp2(p)
             if p.requires_grad:
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
             else:
@@ -171,14 +181,24 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     def _global_norm(self) -> Tensor | float:
         """sqrt of the sum of the squared per-parameter norms, in float64 on the first norm's device
-        (the other devices' partial sums join it by an asynchronous copy): no host sync."""
-        if not self._norms:
-            return 0.0
+        (the other devices' partial sums join it by an asynchronous copy): no host sync. FSDP2
+        parameters add their shards' squared norms, summed over the ranks by one all-reduce per
+        process group."""
+        sharded, self._sharded_squares = self._sharded_squares, {}
+        parts = []
+        for group, squares in sharded.items():
+            part = torch.stack(squares).double().sum()
+            torch.distributed.all_reduce(part, group=group)
+            parts.append(part)
         by_device: dict[torch.device, list[Tensor]] = {}
         for n in self._norms:
-            by_device.setdefault(n.device, []).append(n)
-        first = self._norms[0].device
-        total = sum(torch.stack(ns).double().square().sum().to(first, non_blocking=True) for ns in by_device.values())
+            by_device.setdefault(n.device, []).append(n.double().square())
+        for part in parts:
+            by_device.setdefault(part.device, []).append(part)
+        if not by_device:
+            return 0.0
+        first = next(iter(by_device))
+        total = sum(torch.stack(ns).sum().to(first, non_blocking=True) for ns in by_device.values())
         return total.sqrt()
 
     @property
@@ -210,6 +230,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         ``GaLoreOptimizer._whole_state``), and training can go on with the next batch."""
         self._callback_queued = False
         self._norms = []
+        self._sharded_squares = {}
         self._low_rank.clear()
         self.micro_step -= self.micro_step % self.accumulation_steps
         for g in self.param_groups:
@@ -235,8 +256,18 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             low = buf.add_(opt.project_gradient(p, p.grad))
             p.grad = None
         grad = low if low is not None else p.grad
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        self._norms.append(norm)
+        if _is_dtensor(grad):  # FSDP2: this rank's shard of the reduce-scattered gradient
+            group = grad.device_mesh.get_group()
+            grad = grad.to_local()
+            square = torch.linalg.vector_norm(grad, dtype=torch.float32).square()
+            self._sharded_squares.setdefault(group, []).append(square)
+            if self.clip_mode == "parameter":  # this parameter's global norm: one all-reduce
+                total = square.clone()
+                torch.distributed.all_reduce(total, group=group)
+                norm = total.sqrt()
+        else:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            self._norms.append(norm)
         if self.clip_mode == "previous" and self._prev_norm is not None:
             # min(1, max / (previous + 1e-6)) in float64 on the device (a factor of 1 changes nothing)
             prev = self._prev_norm
@@ -402,6 +433,26 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 state_dict = result
         return state_dict
 
+    def wrapper_state_dict(self) -> dict[str, Tensor]:
+        """The wrapper's own state, without the wrapped optimizers': the update counter and the last
+        global gradient norm (the next update's threshold under ``clip_mode="previous"``; NaN
+        before the first update), as tensors. For distributed checkpoints (FSDP2), which save the
+        wrapped optimizer through ``torch.distributed.checkpoint.state_dict``: keep this beside it
+        and restore it with :meth:`load_wrapper_state_dict`."""
+        if self._low_rank or self.micro_step % self.accumulation_steps:
+            raise RuntimeError("save between updates, not in the middle of an accumulation")
+        norm = self.grad_norm
+        return {
+            "micro_step": torch.tensor(self.micro_step),
+            "prev_norm": torch.tensor(math.nan if norm is None else norm, dtype=torch.float64),
+        }
+
+    def load_wrapper_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore what :meth:`wrapper_state_dict` saved."""
+        self.micro_step = int(state["micro_step"])
+        norm = float(state["prev_norm"])
+        self._prev_norm = None if math.isnan(norm) else norm
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = state_dict.copy()
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -457,6 +508,31 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     @state.setter
     def state(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns it
         pass
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _check_fsdp2(p: Tensor) -> None:
+    """FSDP2 parameters are taken sharded on dim 0 over a 1-D mesh: HSDP (a 2-D mesh, where the
+    reduce-scattered gradient is then all-reduced over the replicas) is refused."""
+    if not _is_dtensor(p):
+        return
+    from torch.distributed.tensor import Shard
+
+    mesh, placements = p.device_mesh, p.placements
+    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
+        raise NotImplementedError(
+            f"LayerwiseOptimizer under FSDP2 needs parameters sharded on dim 0 over a 1-D device mesh "
+            f"(fully_shard with a 1-D mesh); got placements {tuple(placements)} on a {mesh.ndim}-D mesh. "
+            "HSDP (a 2-D mesh) is not supported in layer-wise mode: use the optimizer without "
+            "LayerwiseOptimizer there"
+        )
 
 
 __all__ = ["CLIP_MODES", "LayerwiseOptimizer"]

@@ -151,11 +151,18 @@ def test_layerwise_grad_norm_is_the_true_global_norm(tmp_path):
         assert y == pytest.approx(x, rel=1e-4)
 
 
-def test_layerwise_refuses_several_processes(tmp_path):
+def test_layerwise_with_several_processes_updates_once_per_reduced_gradient(tmp_path):
+    """With several processes the Trainer accumulates under no_sync (in full, on each rank), so the
+    layer-wise optimizer updates once per step whatever gradient_accumulation_steps says; the
+    2-process run itself is tests/test_distributed_fsdp2.py::test_trainer_layerwise_ddp_example_trains_and_resumes."""
+    from galore_opt.layerwise import LayerwiseOptimizer
+
     class Args:
         world_size = 2
         learning_rate = 1e-3
+        gradient_accumulation_steps = 4
 
-    with pytest.raises(ValueError, match="layerwise=True with 2 processes"):
-        galore_optimizer(_model(), Args(), "adamw", layerwise=True)
+    lw = galore_optimizer(_model(), Args(), "adamw8bit", layerwise=True)
+    assert isinstance(lw, LayerwiseOptimizer) and lw.accumulation_steps == 1
+    assert isinstance(lw.optimizers[0], GaLoreAdamW8bit)
     assert isinstance(galore_optimizer(_model(), Args(), "adamw8bit"), GaLoreAdamW8bit)

@@ -54,14 +54,20 @@ GaLore matrix accumulates only its projection, so the norm of what the optimizer
 as ``grad_norm_projected`` instead (it is lower than the full gradient's norm). Every checkpoint
 loads with ``torch.load``'s default ``weights_only=True`` and resumes exactly.
 
-Layer-wise mode in the Trainer is single-process; with several processes it raises (in your own
-loop, ``LayerwiseOptimizer.register_ddp`` runs the updates from DDP's communication hook, after the
-gradients are averaged). The non-layer-wise optimizers work under DDP (see ``docs/distributed.md``).
+Layer-wise mode with several processes (``torchrun`` / ``accelerate launch``): under DDP the updates
+run from DDP's communication hook, after each gradient bucket is averaged
+(:meth:`LayerwiseOptimizer.register_ddp`, called before the first backward); under FSDP2 from the
+hooks FSDP2 runs on each sharded parameter after its gradient is reduce-scattered. The Trainer
+accumulates the first micro-batches of a step under ``no_sync``, so each rank accumulates the full
+gradient and the optimizer updates once per step (``accumulation_steps=1``; the logged
+``grad_norm`` is then exact). See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import warnings
 from typing import Any
 
@@ -288,14 +294,11 @@ def galore_optimizer(
     if not layerwise:
         return opt
     world = int(getattr(args, "world_size", 1) or 1)
-    if world > 1:
-        raise ValueError(
-            f"layerwise=True with {world} processes: the Trainer integration is single-process in layer-wise "
-            "mode (a post-accumulate-grad update would use each rank's gradient before DDP averages it); use "
-            "layerwise=False, or LayerwiseOptimizer.register_ddp(ddp_model) in your own loop"
-        )
     max_norm = float((max_grad_norm if max_grad_norm is not None else getattr(args, "max_grad_norm", 0.0)) or 0.0)
-    accumulation = int(getattr(args, "gradient_accumulation_steps", 1) or 1)
+    # several processes: the Trainer runs all but the last micro-batch under accelerate's no_sync
+    # (DDP's no_sync, FSDP2's set_requires_gradient_sync(False)), so the gradient accumulates in full
+    # on each rank and is reduced once: one update per reduced gradient
+    accumulation = 1 if world > 1 else int(getattr(args, "gradient_accumulation_steps", 1) or 1)
     if max_norm > 0:
         warnings.warn(
             f"layer-wise mode clips with max_grad_norm={max_norm:g} by the previous update's global gradient "
@@ -309,6 +312,37 @@ def galore_optimizer(
         accumulation_steps=accumulation,
         max_grad_norm=max_norm if max_norm > 0 else None,
     )
+
+
+def _attach_layerwise(model: torch.nn.Module, optimizer: Any) -> None:
+    """Before the first backward of a multi-process run: under DDP, run the layer-wise updates from
+    DDP's communication hook (:meth:`LayerwiseOptimizer.register_ddp`, once); under FSDP2 the
+    post-accumulate-grad hooks already fire after each reduce-scatter (nothing to do). Any other
+    wrapper of a multi-process run is refused."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
+    if not isinstance(inner, LayerwiseOptimizer) or inner._ddp:
+        return
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        inner.register_ddp(model)
+        return
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return
+    if torch.distributed.get_world_size() > 1 and not any(_is_dtensor(p) for p in model.parameters()):
+        raise ValueError(
+            f"layer-wise mode with {torch.distributed.get_world_size()} processes needs the model wrapped in "
+            f"DistributedDataParallel or sharded with FSDP2 (fully_shard); got a {type(model).__name__}: a "
+            "post-accumulate-grad update would use each rank's own gradient"
+        )
+
+
+#: the layer-wise wrapper's counters beside an FSDP checkpoint of the wrapped optimizer
+LAYERWISE_META = "galore_layerwise.pt"
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 _TRAINER_DOC = """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
@@ -377,6 +411,52 @@ def _make_trainer_class():
                 norm = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "grad_norm", None)
                 return norm
             return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+        def training_step(self, model, *args, **kwargs):
+            if self.galore_layerwise:
+                _attach_layerwise(model, self.optimizer)
+            return super().training_step(model, *args, **kwargs)
+
+        def _save_optimizer_and_scheduler(self, output_dir):
+            with self._galore_fsdp_checkpoint() as layerwise:
+                super()._save_optimizer_and_scheduler(output_dir)
+            if layerwise is not None and self.args.should_save:
+                torch.save(layerwise.wrapper_state_dict(), os.path.join(output_dir, LAYERWISE_META))
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            with self._galore_fsdp_checkpoint() as layerwise:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            if layerwise is not None and checkpoint is not None:
+                meta = os.path.join(checkpoint, LAYERWISE_META)
+                if os.path.isfile(meta):
+                    layerwise.load_wrapper_state_dict(torch.load(meta, weights_only=True))
+
+        @contextlib.contextmanager
+        def _galore_fsdp_checkpoint(self):
+            """Under FSDP the Trainer checkpoints the optimizer with accelerate's FSDP helpers, which
+            read it through ``torch.distributed.checkpoint``'s state-dict API: in layer-wise mode
+            they get the wrapped optimizer (torch's state-dict layout, DTensor state) and the
+            wrapper's own counters go to a file beside it. Yields that wrapper, or None."""
+            inner = getattr(self.optimizer, "optimizer", self.optimizer)
+            if not (self.galore_layerwise and getattr(self, "is_fsdp_enabled", False)) or not isinstance(
+                inner, LayerwiseOptimizer
+            ):
+                yield None
+                return
+            if len(inner.optimizers) != 1:
+                raise ValueError("FSDP checkpoints of a LayerwiseOptimizer need it to wrap one optimizer")
+            holder = self.optimizer if inner is not self.optimizer else None
+            if holder is not None:
+                holder.optimizer = inner.optimizers[0]
+            else:
+                self.optimizer = inner.optimizers[0]
+            try:
+                yield inner
+            finally:
+                if holder is not None:
+                    holder.optimizer = inner
+                else:
+                    self.optimizer = inner
 
         def log(self, logs: dict[str, float], *args, **kwargs) -> None:
             if self.galore_layerwise and "loss" in logs:

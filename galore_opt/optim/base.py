@@ -193,6 +193,15 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         grad = p.grad
         if grad.is_sparse:
             raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+        if _is_dtensor(p):  # FSDP2: checked before any parameter is updated
+            from .fsdp import check_sharding
+
+            check_sharding(p, type(self).__name__)
+            if group.get("residual") and "rank" in group:
+                raise NotImplementedError(
+                    f"{type(self).__name__}: residual=True is not supported for FSDP2-sharded (DTensor) "
+                    "parameters yet; turn it off for this group or train without FSDP2"
+                )
         if grad.shape != p.shape:
             raise RuntimeError(
                 f"the gradient of a parameter of shape {tuple(p.shape)} has shape {tuple(grad.shape)}: "
@@ -250,8 +259,9 @@ class GaLoreOptimizer(torch.optim.Optimizer):
         """Whether ``p``'s gradient for the *next* step may be accumulated in its projected form:
         ``p`` is a projected GaLore parameter whose basis exists and is not refreshed on the next
         step (a refresh needs the full accumulated gradient), in a group without ``residual``
-        (the residual ``G - P P^T G`` needs the full accumulated gradient on every step)."""
-        if not self._supports_low_rank_grad:
+        (the residual ``G - P P^T G`` needs the full accumulated gradient on every step), and not
+        an FSDP2 (DTensor) parameter (accumulated in full, sharded)."""
+        if not self._supports_low_rank_grad or _is_dtensor(p):
             return False
         group = self._group_of(p)
         if "rank" not in group or group.get("residual"):
@@ -452,6 +462,14 @@ class GaLoreOptimizer(torch.optim.Optimizer):
                 state[C.STEP] = torch.tensor(float(step), dtype=torch.float32)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
 
 
 def _warm_refresh_due(step: float, offset: float, gap: int) -> bool:

@@ -19,6 +19,11 @@ from ..functional.adafactor import (
     init_adafactor_state,
 )
 from .base import GaLoreOptimizer
+from .fsdp import is_dtensor as _is_dtensor
+
+#: state keys of an FSDP2 parameter kept whole on every rank (the rest is sharded, the bases too:
+#: they are most of Adafactor's state, and the step all-gathers the state anyway)
+_REPLICATED_KEYS = (C.STEP, C.REFRESH_OFFSET)
 
 _DEFAULT_EPS = {"torch": (None, 1e-3), "galore_torch": (1e-30, 1e-3)}
 
@@ -55,6 +60,10 @@ class GaLoreAdafactor(GaLoreOptimizer):
 
     Bases are computed and stored in fp32 by default (``basis_dtype`` group key): galore-torch's
     Adafactor projects the fp32-cast gradient and so keeps an fp32 basis too.
+
+    FSDP2 (DTensor parameters sharded on dim 0 over a 1-D mesh): the step of a sharded parameter
+    all-gathers it, its gradient and its state and runs the unsharded arithmetic; the state, bases
+    included, stays sharded between steps (see :meth:`_step_sharded`).
     """
 
     def __init__(
@@ -150,38 +159,86 @@ class GaLoreAdafactor(GaLoreOptimizer):
                 loss = closure()
         for group, p, index in self._iter_params():
             with self._whole_state(p):
-                state = self.state[p]
-                hyper = {
-                    k: group[k]
-                    for k in (
-                        "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
-                        "scale_parameter", "relative_step", "warmup_init", "numerics",
-                    )
-                }
-                galore = "rank" in group
-                param, grad = (self._as_matrix(p), self._as_matrix(p.grad)) if galore else (p, p.grad)
-                side = self._side(p, group) if galore else C.NONE
-                if not state:
-                    state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-                    shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
-                    init_adafactor_state(state, tuple(shape), p, group["numerics"], group["beta1"])
-                    if galore:
-                        self._init_galore_offset(p, group)
-                deferred = None
-                if galore:
-                    deferred = self._refresh_if_due(p, grad, group, index, side)
-                    resolve_impl(group["impl"], p.device, None)
-                adafactor_update(
-                    param,
-                    grad,
-                    state,
-                    state[C.STEP],
-                    state.get(C.BASIS_LEFT),
-                    state.get(C.BASIS_RIGHT),
-                    galore=galore,
-                    scale=group.get("scale", 1.0),
-                    **hyper,
-                )
-                if deferred is not None:
-                    self._refresh(p, grad, group, index, side, deferred)
+                if _is_dtensor(p):
+                    self._step_sharded(group, p, index)
+                else:
+                    self._step_one(group, p, index)
         return loss
+
+    def _step_one(self, group: dict[str, Any], p: torch.Tensor, index: int, whole: tuple | None = None) -> None:
+        """One parameter's step; ``whole``: ``(weight, gradient)`` to update instead of ``p`` and
+        ``p.grad`` (an FSDP2 parameter's all-gathered ones, see :meth:`_step_sharded`)."""
+        state = self.state[p]
+        data, data_grad = whole if whole is not None else (p, p.grad)
+        hyper = {
+            k: group[k]
+            for k in (
+                "lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                "scale_parameter", "relative_step", "warmup_init", "numerics",
+            )
+        }  # fmt: skip
+        galore = "rank" in group
+        param, grad = (self._as_matrix(data), self._as_matrix(data_grad)) if galore else (data, data_grad)
+        side = self._side(p, group) if galore else C.NONE
+        if not state:
+            state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
+            shape = self._low_rank_shape(p, group, side) if galore else tuple(p.shape)
+            init_adafactor_state(state, tuple(shape), data, group["numerics"], group["beta1"])
+            if galore:
+                self._init_galore_offset(p, group)
+        deferred = None
+        if galore:
+            deferred = self._refresh_if_due(p, grad, group, index, side)
+            resolve_impl(group["impl"], p.device, None)
+        adafactor_update(
+            param,
+            grad,
+            state,
+            state[C.STEP],
+            state.get(C.BASIS_LEFT),
+            state.get(C.BASIS_RIGHT),
+            galore=galore,
+            scale=group.get("scale", 1.0),
+            **hyper,
+        )
+        if deferred is not None:
+            self._refresh(p, grad, group, index, side, deferred)
+
+    def _step_sharded(self, group: dict[str, Any], p: torch.Tensor, index: int) -> None:
+        """A step of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh).
+
+        Adafactor's state is factored (row and column statistics), its step reads global norms
+        (the parameter's RMS, the update's RMS) and means over rows and columns, and the state is
+        small next to the weight. So the weight, the gradient and the state are all-gathered, the
+        unsharded step runs on them (the same arithmetic as one process, on every rank; the basis
+        is seeded from step and parameter, so every rank computes the same one), and each rank
+        keeps its weight rows and its share of the state: every state tensor but the step counts,
+        the bases included (computed whole on every rank, then cut), is stored as a DTensor
+        sharded on its largest dimension. With the factored second moment the basis is most of
+        Adafactor's state, so this is what halves it. Costs, per step and parameter: all-gathers
+        of the weight, the gradient and the state (the weight's all-gather is FSDP2's own forward
+        cost once more), and the whole update's arithmetic on every rank.
+        """
+        from .fsdp import check_sharding, local_rows, shard_largest
+
+        check_sharding(p, type(self).__name__)
+        if p.grad is None:
+            return
+        from torch.distributed.tensor import DTensor
+
+        mesh = p.device_mesh
+        state = self.state[p]
+        sharded = {k: v for k, v in state.items() if isinstance(v, DTensor)}
+        full_state = {k: (v.full_tensor() if k in sharded else v) for k, v in state.items()}
+        whole = p.full_tensor()
+        self.state[p] = full_state
+        try:
+            self._step_one(group, p, index, (whole, p.grad.full_tensor()))
+        except BaseException:
+            self.state[p] = state
+            raise
+        for key, value in list(full_state.items()):
+            if key not in _REPLICATED_KEYS and isinstance(value, torch.Tensor) and value.dim() >= 1:
+                full_state[key] = shard_largest(value, mesh)
+        local = p.to_local()
+        local.copy_(whole[local_rows(p.shape, mesh)])

@@ -520,80 +520,18 @@ class GaLoreAdamW(GaLoreOptimizer):
         self._store_moments(state, exp_avg, exp_avg_sq)
 
     def _step_sharded(self, group, p, index, low_rank_grad, hyper) -> None:
-        """A GaLore step of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh).
+        """A GaLore step of an FSDP2 parameter (a DTensor sharded on dim 0 over a 1-D mesh): see
+        :func:`galore_opt.optim.fsdp.galore_step_sharded`."""
+        from .fsdp import galore_step_sharded
 
-        Refresh: the gradient is all-gathered on the steps that refresh the basis (only those),
-        and every rank computes the same basis (seeded from step and parameter), after the
-        update when the refresh is deferred (see :meth:`_refresh_if_due`). Left basis
-        ``P`` (m x r, kept whole on every rank): the projected gradient is the all-reduced sum of
-        the ranks' ``P_k^T G_k`` (r x n), the moments are r x n and replicated, and each rank
-        updates its rows with ``P_k N``. Right basis ``Q`` (r x n, replicated): each rank projects
-        its rows, ``G_k Q^T``, with no communication; the moments (m x r) are sharded like the
-        weight (DTensors, so distributed checkpoints save them by shard). The arithmetic is
-        :func:`galore_adamw_update`'s, so results equal the unsharded optimizer's up to the
-        order of the reduction.
-        """
-        from torch.distributed.tensor import DTensor, Shard
+        galore_step_sharded(self, group, p, index, low_rank_grad, hyper)
 
-        if type(self)._load_moments is not GaLoreAdamW._load_moments:
-            raise NotImplementedError(f"{type(self).__name__} does not support FSDP2-sharded (DTensor) parameters yet")
-        if low_rank_grad is not None:
-            raise NotImplementedError("layer-wise accumulation of sharded (FSDP2) parameters is not supported")
-        if group.get("residual"):
-            raise NotImplementedError("residual=True is not supported for FSDP2-sharded (DTensor) parameters yet")
-        if p.grad is None:
-            return
-        mesh, placements = p.device_mesh, p.placements
-        if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0) or p.dim() != 2:
-            raise NotImplementedError(
-                f"GaLore on DTensor parameters needs a 2-D weight sharded on dim 0 over a 1-D mesh, got "
-                f"{p.dim()}-D with placements {placements} on a {mesh.ndim}-D mesh"
-            )
-        state = self.state[p]
-        side = self._side(p, group)
-        if not state:
-            state[C.STEP] = torch.tensor(0.0, dtype=torch.float32)
-            shape = self._low_rank_shape(p, group, side)
-            if side == C.RIGHT:  # sharded like the weight
-                for key in (C.EXP_AVG, C.EXP_AVG_SQ):
-                    state[key] = DTensor.from_local(
-                        torch.zeros((p.to_local().shape[0], shape[1]), dtype=p.dtype, device=p.to_local().device),
-                        mesh, [Shard(0)], shape=torch.Size(shape), stride=(shape[1], 1),
-                    )  # fmt: skip
-            else:
-                for key in (C.EXP_AVG, C.EXP_AVG_SQ):
-                    state[key] = torch.zeros(shape, dtype=p.dtype, device=p.to_local().device)
-            self._init_galore_offset(p, group)
-        grad = p.grad
-        deferred = None
-        if self._refresh_due(state, group, side):
-            full = grad.full_tensor()
-            deferred = self._refresh_if_due(p, full, group, index, side)
-            side = self._side(p, group)
-        local_w, local_g = p.to_local(), grad.to_local()
-        rows = _local_rows(p)
-        left, right = state.get(C.BASIS_LEFT), state.get(C.BASIS_RIGHT)
-        exp_avg, exp_avg_sq = state[C.EXP_AVG], state[C.EXP_AVG_SQ]
-        if isinstance(exp_avg, DTensor):
-            exp_avg, exp_avg_sq = exp_avg.to_local(), exp_avg_sq.to_local()
-        if side == C.LEFT:
-            left_rows = left[rows]
-            left_c, _, compute_dtype = bases_for_compute(local_g, left_rows, None)
-            low = left_c.t() @ local_g.to(compute_dtype)  # this rank's part of P^T G
-            torch.distributed.all_reduce(low, group=mesh.get_group())
-            galore_adamw_update(local_w, None, exp_avg, exp_avg_sq, state[C.STEP], left_rows, None,
-                                scale=group["scale"], low=low, **hyper)  # fmt: skip
-            projected = low  # the whole P^T G, the same on every rank
-        elif side == C.RIGHT:
-            _, right_c, compute_dtype = bases_for_compute(local_g, None, right)
-            low = local_g.to(compute_dtype) @ right_c.t()  # these rows of G Q^T
-            galore_adamw_update(local_w, None, exp_avg, exp_avg_sq, state[C.STEP], None, right,
-                                scale=group["scale"], low=low, **hyper)  # fmt: skip
-            projected = None  # only this rank's rows of G Q^T
-        else:
-            raise NotImplementedError(f"GaLore on DTensor parameters supports the left and right sides, not {side!r}")
-        if deferred is not None:
-            self._refresh(p, full, group, index, side, deferred, projected=projected)
+    def _init_sharded_moments(self, state, p, shape, group) -> None:
+        """The low-rank moments of an FSDP2 parameter: ``Shard(0)`` DTensors of ``shape``."""
+        from .fsdp import sharded_full
+
+        for key in (C.EXP_AVG, C.EXP_AVG_SQ):
+            state[key] = sharded_full(shape, 0.0, p.dtype, p.to_local().device, p.device_mesh)
 
     # Moment storage; GaLoreAdamW8bit overrides these three to keep the moments in 8 bits.
 
@@ -642,10 +580,3 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
     return isinstance(t, DTensor)
 
-
-def _local_rows(p) -> slice:
-    """The rows of the global matrix that this rank's shard of ``p`` (Shard(0)) holds."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-    shape, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return slice(offset[0], offset[0] + shape[0])

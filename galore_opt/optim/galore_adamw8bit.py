@@ -21,7 +21,7 @@ from ..quant import (
     quantize_blockwise,
     zero_code,
 )
-from .galore_adamw import GaLoreAdamW
+from .galore_adamw import GaLoreAdamW, _is_dtensor
 
 #: elements per quantization pass on the grouped path (whole blocks): one pass over the 8-bit
 #: moments of all grouped matrices of a small model; at most ~70 MB of temporaries (17 bytes per
@@ -62,6 +62,11 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     size; the result is the same as updating it at once (every operation is elementwise or
     per block). At LLaMA-7B the head's update would otherwise hold ~2.4 GiB of fp32 temporaries
     at the moment of the training step's memory peak.
+
+    FSDP2 (DTensor parameters sharded on dim 0 over a 1-D mesh): the codes are sharded like the
+    moment, each rank quantizes its rows in blocks that start at its shard, and the absmax is a
+    per-rank padded DTensor; the updates equal the unsharded ones when every shard starts on a
+    block boundary (:mod:`galore_opt.optim.fsdp`, ``docs/distributed.md``).
     """
 
     #: elements per slice of a full-size 8-bit parameter's update (rounded down to whole blocks)
@@ -148,23 +153,38 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     def _full_step(self, group, p, state, hyper) -> bool:
         """A full-size parameter with 8-bit moments, slice by slice (see the class docstring); the
-        Triton kernel updates each slice's moments when the dispatch picks it."""
-        if C.EXP_AVG_CODES not in state or not p.is_contiguous() or not p.grad.is_contiguous():
+        Triton kernel updates each slice's moments when the dispatch picks it. An FSDP2 (DTensor)
+        parameter updates its local rows with its local codes (blocks start at its shard)."""
+        if C.EXP_AVG_CODES not in state:
             return False
+        if _is_dtensor(p):
+            from .fsdp import check_sharding, local_moments
+
+            check_sharding(p, type(self).__name__)
+            local = local_moments(state, self._block_size)
+            flat_p, flat_g = p.to_local().view(-1), p.grad.to_local().view(-1)
+            self._update_full_8bit(group, flat_p, flat_g, state, local, hyper)
+            return True
+        if not p.is_contiguous() or not p.grad.is_contiguous():
+            return False
+        self._update_full_8bit(group, p.view(-1), p.grad.view(-1), state, state, hyper)
+        return True
+
+    def _update_full_8bit(self, group, flat_p, flat_g, state, moments, hyper) -> None:
+        """The 8-bit AdamW update of the flat ``flat_p`` with the codes and absmax of ``moments``."""
         block = self._block_size
         chunk = max(1, self.FULL_CHUNK // block) * block
         use_kernel = (
             hyper["numerics"] == "torch"
             and block in ADAMW8BIT_BLOCKS
-            and resolve_impl(group["impl"], p, self._kernel) == "triton"
+            and resolve_impl(group["impl"], flat_p, self._kernel) == "triton"
         )
         step_t = state[C.STEP]
         step_t += 1
         step = step_t.item()
-        flat_p, flat_g = p.view(-1), p.grad.view(-1)
-        m_codes, v_codes = state[C.EXP_AVG_CODES].view(-1), state[C.EXP_AVG_SQ_CODES].view(-1)
-        m_absmax, v_absmax = state[C.EXP_AVG_ABSMAX], state[C.EXP_AVG_SQ_ABSMAX]
-        signed, unsigned = self._map(True, p.device), self._map(False, p.device)
+        m_codes, v_codes = moments[C.EXP_AVG_CODES].view(-1), moments[C.EXP_AVG_SQ_CODES].view(-1)
+        m_absmax, v_absmax = moments[C.EXP_AVG_ABSMAX], moments[C.EXP_AVG_SQ_ABSMAX]
+        signed, unsigned = self._map(True, flat_p.device), self._map(False, flat_p.device)
         lr, wd, beta1 = hyper["lr"], hyper["weight_decay"], hyper["beta1"]
         for start in range(0, flat_p.numel(), chunk):
             stop = min(start + chunk, flat_p.numel())
@@ -188,7 +208,6 @@ class GaLoreAdamW8bit(GaLoreAdamW):
             adamw_apply(pc, gc.float(), m, v, step, **hyper)
             quantize_blockwise(m, signed, block, out=(codes_m, amax_m))
             quantize_blockwise(v, unsigned, block, out=(codes_v, amax_v))
-        return True
 
     def _grouped_moments(self, state: dict[str, Any]) -> tuple | None:
         """8-bit moments stack when their blocks do not straddle two matrices (elements a multiple
@@ -233,6 +252,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         return self._maps[key]
 
     def _init_moments(self, state: dict[str, Any], p: Tensor, shape: tuple[int, ...], group: dict[str, Any]) -> None:
+        if _is_dtensor(p):  # a full-size FSDP2 parameter
+            self._init_sharded_moments(state, p, shape, group)
+            return
         numel = 1
         for size in shape:
             numel *= size
@@ -247,6 +269,28 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         ):
             state[codes_key] = torch.full(shape, zero_code(signed), dtype=torch.uint8, device=p.device)
             state[absmax_key] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+    def _init_sharded_moments(self, state: dict[str, Any], p: Tensor, shape: tuple[int, ...], group: dict[str, Any]) -> None:
+        """The moments of an FSDP2 parameter, ``Shard(0)`` DTensors of ``shape``: 8-bit codes with a
+        per-rank block layout (:mod:`galore_opt.optim.fsdp`), or fp32 below ``min_8bit_size``
+        elements (counted over the whole moment, so the choice is the unsharded optimizer's)."""
+        from .fsdp import check_sharding, sharded_absmax, sharded_full
+
+        check_sharding(p, type(self).__name__)
+        mesh, device = p.device_mesh, p.to_local().device
+        numel = 1
+        for size in shape:
+            numel *= size
+        if numel < self._min_8bit_size:
+            for key in (C.EXP_AVG, C.EXP_AVG_SQ):
+                state[key] = sharded_full(shape, 0.0, torch.float32, device, mesh)
+            return
+        for codes_key, absmax_key, signed in (
+            (C.EXP_AVG_CODES, C.EXP_AVG_ABSMAX, True),
+            (C.EXP_AVG_SQ_CODES, C.EXP_AVG_SQ_ABSMAX, False),
+        ):
+            state[codes_key] = sharded_full(shape, zero_code(signed), torch.uint8, device, mesh)
+            state[absmax_key] = sharded_absmax(shape, self._block_size, device, mesh)
 
     def _load_moments(self, state: dict[str, Any]) -> tuple[Tensor, Tensor]:
         if C.EXP_AVG in state:
