@@ -544,6 +544,26 @@ def summarise(names: list[str], plans: dict[str, Plan], runs: dict[str, dict[tup
     return out
 
 
+TABLE_NOTE = ("lr grid: final validation loss of the first seed at each lr ('+': an edge extension, 'div/…': "
+              "diverged or not run yet); test loss: mean ± sample std over the seeds at the best lr; ppl: "
+              "exp(mean test loss); Δ vs AdamW: difference of the mean test losses; outside seed spread: "
+              "|Δ| > 2 x pooled std, pooled std = sqrt((s² + s_AdamW²) / 2); 'ranges disjoint': the min..max "
+              "ranges over seeds do not overlap.")
+
+
+def describe(payload: dict[str, Any]) -> str:
+    """One paragraph saying what was trained and how the lrs were chosen (stdout and RESULTS.md)."""
+    a, m, c, p = payload["args"], payload["model"], payload["corpus"], payload["protocol"]
+    return (f"LLaMA-{m['size']} ({m['params'] / 1e6:.2f}M params, {m['layers']} layers, vocab {m['vocab']}) on the "
+            f"Python standard library's sources (local BPE), {payload['token_budget']:,} tokens ({a['steps']} steps x "
+            f"{a['batch']} x {a['seq']}), {a['device']} {a['dtype']}; GaLore rank {a['rank']}, gap {a['gap']}, scale "
+            f"0.25. Each optimizer's lr: {p['grid_points']} values x2 apart from {p['lr_grid_start']} (extended by "
+            f"one at an edge, up to {p['max_extend']} per side), chosen on the final loss on a validation split "
+            f"({c['val_batches']} x {a['batch']} x {a['seq']} tokens held out of the training text) with seed "
+            f"{p['seeds'][0]}; then seeds {p['seeds']} at that lr, scored on a separate test split "
+            f"({c['test_batches']} x {a['batch']} x {a['seq']} tokens, the last 5 % of the corpus).")
+
+
 def _fmt_val(v: float | None) -> str:
     return "div/…" if v is None else f"{v:.3f}"
 
@@ -803,17 +823,7 @@ def _run(args: argparse.Namespace) -> int:
     names = [n for n in names if n not in failed]
     summary = summarise(names, plans, runs, args.seeds)
 
-    print(f"\n### LLaMA-{args.size} ({n_params / 1e6:.2f}M params) on stdlib text, {budget:,} tokens "
-          f"({args.steps} x {args.batch} x {args.seq}), rank {args.rank}, gap {args.gap}, {args.device} {args.dtype}; "
-          f"each optimizer's lr swept on validation, then seeds {args.seeds} on test\n")
-    print(markdown_table(summary))
-    print("\nΔ vs AdamW: difference of the mean test losses; outside seed spread: |Δ| > 2 x pooled std "
-          "(sqrt((s² + s_AdamW²)/2), sample std over seeds); '+lr' in a grid: an edge extension.")
-    for s in skipped:
-        print(f"skipped {s['optimizer']}: {s['reason']}")
     elapsed = time.perf_counter() - t_start
-    print(f"({executed} run(s) executed, total {elapsed:.0f} s; other processes used "
-          f"{'?' if others is None else f'{others:.0%}'} of the CPUs; losses are unaffected by load)")
     all_runs = [run for n in names for run in sorted(runs[n].values(), key=lambda r: (r["lr"], r["seed"]))]
     slim = [{k: v for k, v in r.items() if k not in ("train_losses", "spec")} for r in all_runs]
     payload = dict(benchmark="bench_quality", machine=info, versions=versions,
@@ -828,6 +838,13 @@ def _run(args: argparse.Namespace) -> int:
                              "outside_spread": "|mean - mean_adamw| > 2 * sqrt((std^2 + std_adamw^2) / 2)"},
                    token_budget=budget, summary=summary, runs=slim, skipped=skipped, runs_executed=executed,
                    complete=all(summary[n]["done"] for n in names), elapsed_s=elapsed, others_cpu=others)
+    print(f"\n### {describe(payload)}\n")
+    print(markdown_table(summary))
+    print("\n" + TABLE_NOTE)
+    for s in skipped:
+        print(f"skipped {s['optimizer']}: {s['reason']}")
+    print(f"({executed} run(s) executed, total {elapsed:.0f} s; other processes used "
+          f"{'?' if others is None else f'{others:.0%}'} of the CPUs; losses are unaffected by load)")
     date = _dt.date.today().strftime("%Y%m%d")
     path = C.write_json(args.out or C.RESULTS_DIR / f"bench_quality-{args.scale}-{date}.json", payload)
     print(f"results: {path}")

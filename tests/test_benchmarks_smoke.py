@@ -185,6 +185,12 @@ def test_bench_quality_smallest(tmp_path, capsys, monkeypatch):
     assert quality.main([*argv[:9], "0,1,2", *argv[10:], "--no-plots"]) == 0
     third = json.loads(out.read_text())
     assert third["runs_executed"] == len(kinds) and all(third["summary"][k]["seeds"] == [0, 1, 2] for k in kinds)
+    tables = _bench("make_tables")  # RESULTS.md renders the swept format
+    md = tmp_path / "RESULTS.md"
+    assert tables.main(["--results", str(tmp_path), "--out", str(md)]) == 0
+    text = md.read_text()
+    assert "## Training quality (smoke, cpu)" in text and "| optimizer | lr grid: val loss (seed 0) |" in text
+    assert "bench_quality-smoke-20000101-lr.png" in text
     capsys.readouterr()
     for argv_bad, message in ((["--optimizers", "adam"], "unknown optimizer 'adam'"),
                               (["--seeds", "a"], "--seeds must be a comma list"),
