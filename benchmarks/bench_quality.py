@@ -44,9 +44,11 @@ processes (each with ``--threads``, default 1 on the CPU). ``--no-run`` summaris
 
 ``--scale`` picks a preset; any explicit flag overrides it:
 
-* ``cpu`` (default): LLaMA-tiny (4 layers, width 256, 4096-token vocabulary, 5.3M params), 400 steps
-  of 8 x 128 tokens (410k tokens), rank 64, gap 50: about 2.3 min per run on one thread, so the
-  ~40 runs of the default optimizers take ~50 min with ``--jobs 2`` on an idle 2-core machine;
+* ``cpu`` (default): LLaMA-tiny (4 layers, width 256, 4096-token vocabulary, 5.3M params), 360 steps
+  of 8 x 128 tokens (369k tokens), rank 64, gap 50, 5 validation points: about 2.1 min per run on one
+  thread (measured: 400 steps took 142 s of CPU time, 0.32 s per step + 6 evaluations of ~1.7 s), so
+  ~50 runs (8 optimizers x 4 lrs + 2 seeds, a few extensions) take ~55 min with ``--jobs 2`` on an
+  idle 2-core machine;
 * ``gpu``: LLaMA-60m, 1500 steps of 16 x 256 (6.1M tokens), rank 128, gap 200, ``--device cuda``
   (``--dtype bfloat16`` optional);
 * ``smoke``: a one-layer tiny model, a few steps (the test suite's).
@@ -112,7 +114,7 @@ DEFAULT_OPTIMIZERS = ("adamw", "ours", "galore-torch", "ours-svd", "ours-8bit", 
 #: 1e-2; the issue's sweep found 6e-3); LoRA: 1e-3..8e-3 (adapters from zero want a larger lr)
 LR_GRID_START = {"adamw": 5e-4, "galore": 2.5e-3, "lora": 1e-3}
 PRESETS: dict[str, dict[str, Any]] = {
-    "cpu": dict(size="tiny", layers=None, steps=400, batch=8, seq=128, rank=64, gap=50, vocab=4096,
+    "cpu": dict(size="tiny", layers=None, steps=360, batch=8, seq=128, rank=64, gap=50, vocab=4096,
                 corpus_bytes=8_000_000, eval_batches=16, eval_points=5, device="cpu", dtype="float32"),
     "gpu": dict(size="60m", layers=None, steps=1500, batch=16, seq=256, rank=128, gap=200, vocab=4096,
                 corpus_bytes=8_000_000, eval_batches=64, eval_points=10, device="cuda", dtype="float32"),
@@ -518,7 +520,7 @@ def summarise(names: list[str], plans: dict[str, Plan], runs: dict[str, dict[tup
         s0 = seeds[0]
         row: dict[str, Any] = {
             "optimizer": n, "label": OPTIMIZERS[n]["label"], "done": p.done,
-            "sweep": [{"lr": lr, "val_loss": (r.get((lr, s0)) or {}).get("val_loss"),
+            "sweep": [{"lr": lr, "ran": (lr, s0) in r, "val_loss": (r.get((lr, s0)) or {}).get("val_loss"),
                        "test_loss": (r.get((lr, s0)) or {}).get("test_loss")} for lr in p.grid],
             "extended": [{"side": side, "lr": lr} for side, lr in p.extended],
             "best_lr": p.best_lr, "clipped": p.clipped, "runs_missing": len(p.needed) if not p.done else 0,
@@ -544,8 +546,8 @@ def summarise(names: list[str], plans: dict[str, Plan], runs: dict[str, dict[tup
     return out
 
 
-TABLE_NOTE = ("lr grid: final validation loss of the first seed at each lr ('+': an edge extension, 'div/…': "
-              "diverged or not run yet); test loss: mean ± sample std over the seeds at the best lr; ppl: "
+TABLE_NOTE = ("lr grid: final validation loss of the first seed at each lr ('+': an edge extension, '…': not "
+              "run yet); test loss: mean ± sample std over the seeds at the best lr; ppl: "
               "exp(mean test loss); Δ vs AdamW: difference of the mean test losses; outside seed spread: "
               "|Δ| > 2 x pooled std, pooled std = sqrt((s² + s_AdamW²) / 2); 'ranges disjoint': the min..max "
               "ranges over seeds do not overlap.")
@@ -564,8 +566,10 @@ def describe(payload: dict[str, Any]) -> str:
             f"({c['test_batches']} x {a['batch']} x {a['seq']} tokens, the last 5 % of the corpus).")
 
 
-def _fmt_val(v: float | None) -> str:
-    return "div/…" if v is None else f"{v:.3f}"
+def _fmt_val(point: dict[str, Any]) -> str:
+    if point["val_loss"] is not None:
+        return f"{point['val_loss']:.3f}"
+    return "diverged" if point.get("ran") else "…"
 
 
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
@@ -574,7 +578,7 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     rows = []
     for n, row in summary.items():
         ext = {e["lr"] for e in row["extended"]}
-        grid = ", ".join(f"{'+' if s['lr'] in ext else ''}{s['lr']:g}: {_fmt_val(s['val_loss'])}" for s in row["sweep"])
+        grid = ", ".join(f"{'+' if s['lr'] in ext else ''}{s['lr']:g}: {_fmt_val(s)}" for s in row["sweep"])
         t = row.get("test_loss") or {}
         if "mean" in t:
             seeds_note = "" if row["done"] else f" (n={t['n']})"
