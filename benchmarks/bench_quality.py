@@ -208,6 +208,9 @@ def compare(a: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any] | None:
     if "mean" not in a or "mean" not in ref:
         return None
     gap = a["mean"] - ref["mean"]
+    if a["n"] < 2 or ref["n"] < 2:  # one seed has no spread to compare with
+        return {"gap": gap, "gap_rel": gap / ref["mean"], "pooled_std": None, "outside_spread": None,
+                "ranges_disjoint": None}
     pooled = math.sqrt((a["std"] ** 2 + ref["std"] ** 2) / 2)
     return {"gap": gap, "gap_rel": gap / ref["mean"], "pooled_std": pooled,
             "outside_spread": abs(gap) > 2 * pooled, "ranges_disjoint": a["min"] > ref["max"] or a["max"] < ref["min"]}
@@ -589,8 +592,11 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         cmp = row.get("vs_adamw")
         if cmp:
             gap = f"{cmp['gap']:+.4f} ({cmp['gap_rel'] * 100:+.1f}%)"
-            verdict = ("yes" if cmp["outside_spread"] else "no") + (", ranges disjoint" if cmp["ranges_disjoint"]
-                                                                   else "")
+            if cmp["outside_spread"] is None:
+                verdict = "? (one seed)"
+            else:
+                verdict = ("yes" if cmp["outside_spread"] else "no") + (", ranges disjoint" if cmp["ranges_disjoint"]
+                                                                       else "")
         else:
             gap, verdict = ("(reference)", "") if n == "adamw" else ("-", "-")
         best = "-" if row["best_lr"] is None else f"{row['best_lr']:g}" + (" (edge!)" if row["clipped"] else "")

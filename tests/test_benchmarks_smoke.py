@@ -137,6 +137,8 @@ def test_bench_quality_seed_statistics():
     assert c["outside_spread"] and c["ranges_disjoint"]
     c = quality.compare(quality.spread([5.05, 5.25, 5.15]), ref)  # gap 0.05 < 2 x 0.1
     assert not c["outside_spread"] and not c["ranges_disjoint"]
+    c = quality.compare(quality.spread([4.0]), ref)  # one seed: a gap, but no spread to judge it by
+    assert c["gap"] == pytest.approx(-1.1) and c["outside_spread"] is None
 
 
 def test_bench_quality_smallest(tmp_path, capsys, monkeypatch):
