@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -200,6 +201,24 @@ def test_bench_quality_smallest(tmp_path, capsys, monkeypatch):
         with pytest.raises(SystemExit):
             quality.main(argv_bad)
         assert message in capsys.readouterr().err
+
+
+def test_bench_quality_splits_do_not_overlap():
+    """Training batches come from the training text only; validation (lr choice) and test (report)
+    are separate held-out stretches: train | validation | test, in corpus order."""
+    quality = _bench("bench_quality")
+    args = quality.parse_args(["--scale", "smoke"])
+    cfg = {k: getattr(args, k) for k in quality.RUN_KEYS}
+    train, val, test = quality.load_data(cfg)
+    full = quality.TokenStream.from_local_corpus(max_bytes=cfg["corpus_bytes"], vocab_size=cfg["vocab"])
+    n_train, n_val = len(train.train), len(train.eval)
+    assert n_train + n_val == len(full.train) and n_val >= cfg["batch"] * cfg["seq"]
+    assert torch.equal(torch.cat([train.train, train.eval]), full.train)
+    per = cfg["batch"] * cfg["seq"]
+    assert torch.equal(torch.cat([b.flatten() for b in val]), train.eval[: len(val) * per])
+    assert torch.equal(torch.cat([b.flatten() for b in test]), full.eval[: len(test) * per])
+    x = next(train.batches(64, cfg["seq"], seed=0))  # windows start early enough to end inside the training text
+    assert x.shape == (64, cfg["seq"])
 
 
 def test_bench_quality_lora_rank_matches_galore_state():
