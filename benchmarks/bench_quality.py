@@ -33,7 +33,10 @@ embeddings, head and norms train in full as they do under GaLore; the LoRA rank 
 AdamW state bytes come nearest to ``ours``' measured state bytes), ``ours-residual`` and
 ``ours-8bit-residual`` (the group key ``residual=True``; skipped with a message while galore-opt
 does not implement it), ``ours-gap-half`` / ``ours-gap-double`` (``update_proj_gap`` halved /
-doubled; same memory) and ``ours-randomized``. GaLore runs use scale 0.25 on the attention and MLP
+doubled; same memory: ``GaLoreDiagnostics`` on the CPU preset, ``ours`` at lr 5e-3 for 200 steps, saw
+99 % of the gradient energy captured at a refresh but 69 % between refreshes and a drift of 0.50 per
+refresh, i.e. a basis that goes stale, so the shorter gap is the candidate and the longer one the
+control) and ``ours-randomized``. GaLore runs use scale 0.25 on the attention and MLP
 matrices; every other parameter gets plain AdamW at the same lr, as in ``examples/pretrain_llama.py``.
 
 Runs are cached: each (optimizer, lr, seed) writes a JSON under
