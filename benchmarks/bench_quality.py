@@ -36,8 +36,12 @@ does not implement it), ``ours-gap-half`` / ``ours-gap-double`` (``update_proj_g
 doubled; same memory: ``GaLoreDiagnostics`` on the CPU preset, ``ours`` at lr 5e-3 for 200 steps, saw
 99 % of the gradient energy captured at a refresh but 69 % between refreshes and a drift of 0.50 per
 refresh, i.e. a basis that goes stale, so the shorter gap is the candidate and the longer one the
-control) and ``ours-randomized``. GaLore runs use scale 0.25 on the attention and MLP
-matrices; every other parameter gets plain AdamW at the same lr, as in ``examples/pretrain_llama.py``.
+control) and ``ours-randomized``. GaLore runs use scale 0.25 on the attention and MLP matrices; every
+other parameter gets plain AdamW at the same lr, as in ``examples/pretrain_llama.py``. ``adamw-split``
+is the full-rank control of GaLore's two learning rates (torch AdamW with the attention and MLP
+matrices at 0.25 x lr and the rest at lr, swept on GaLore's grid): GaLore's embeddings, head and
+norms train at its larger lr, so a GaLore "win" over single-lr AdamW can come from that split
+rather than from the projection.
 
 Runs are cached: each (optimizer, lr, seed) writes a JSON under
 ``--cache-dir/<config hash>/<optimizer>/lr<lr>-seed<seed>.json`` (the hash covers every setting
@@ -108,6 +112,10 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "ours-gap-half": dict(label="ours GaLoreAdamW, gap / 2", family="galore", gap_factor=0.5),
     "ours-gap-double": dict(label="ours GaLoreAdamW, gap x 2", family="galore", gap_factor=2.0),
     "ours-randomized": dict(label="ours GaLoreAdamW (randomized refresh)", family="galore", proj_method="randomized"),
+    # full-rank control of GaLore's two learning rates: GaLore steps its matrices at scale x lr and
+    # everything else at lr; this is torch AdamW with the same split and no projection
+    "adamw-split": dict(label="torch AdamW, matrices at 0.25 x lr (GaLore's split)", family="galore",
+                        matrix_lr_factor=0.25),
 }
 DEFAULT_OPTIMIZERS = ("adamw", "ours", "galore-torch", "ours-svd", "ours-8bit", "lora", "ours-residual",
                       "ours-8bit-residual")
@@ -343,6 +351,9 @@ def build(name: str, cfg: dict[str, Any], lr: float, seed: int, model_cfg: Any) 
     if spec["family"] == "adamw":
         return model, torch.optim.AdamW(model.parameters(), lr=lr), info
     groups = galore_groups(model, cfg, spec)
+    if "matrix_lr_factor" in spec:  # GaLore's groups, full rank: the matrices at factor x lr
+        return model, torch.optim.AdamW([{"params": g["params"], "lr": lr * spec["matrix_lr_factor"]} if "rank" in g
+                                         else {"params": g["params"]} for g in groups], lr=lr), info
     if name == "galore-torch":
         from galore_torch import GaLoreAdamW as GT
 
@@ -542,6 +553,7 @@ def summarise(names: list[str], plans: dict[str, Plan], runs: dict[str, dict[tup
                                    "max": math.exp(test["max"])}
             row["state_bytes"] = max(x["state_bytes"] for x in seed_runs) if seed_runs else None
             row["wall_s"] = spread([x["wall_s"] for x in seed_runs])
+            row["cpu_s"] = spread([x["cpu_s"] for x in seed_runs if "cpu_s" in x])
             if seed_runs and "lora" in seed_runs[0]:
                 row["lora"] = seed_runs[0]["lora"]
         out[n] = row
@@ -556,7 +568,8 @@ TABLE_NOTE = ("lr grid: final validation loss of the first seed at each lr ('+':
               "run yet); test loss: mean ± sample std over the seeds at the best lr; ppl: "
               "exp(mean test loss); Δ vs AdamW: difference of the mean test losses; outside seed spread: "
               "|Δ| > 2 x pooled std, pooled std = sqrt((s² + s_AdamW²) / 2); 'ranges disjoint': the min..max "
-              "ranges over seeds do not overlap.")
+              "ranges over seeds do not overlap; s/run: wall and CPU seconds per run (wall grows with other "
+              "load, CPU time much less).")
 
 
 def describe(payload: dict[str, Any]) -> str:
@@ -580,7 +593,7 @@ def _fmt_val(point: dict[str, Any]) -> str:
 
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     headers = ["optimizer", "lr grid: val loss (seed 0)", "best lr", "test loss mean ± std", "min / max", "ppl",
-               "state MiB", "Δ vs AdamW", "outside seed spread?", "s/run"]
+               "state MiB", "Δ vs AdamW", "outside seed spread?", "s/run wall / CPU"]
     rows = []
     for n, row in summary.items():
         ext = {e["lr"] for e in row["extended"]}
@@ -605,8 +618,9 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         best = "-" if row["best_lr"] is None else f"{row['best_lr']:g}" + (" (edge!)" if row["clipped"] else "")
         if not row["done"]:
             best += f" [incomplete: {row['runs_missing']} run(s) to go]"
-        wall = row.get("wall_s") or {}
-        rows.append([row["label"], grid, best, *stats, gap, verdict, f"{wall['mean']:.0f}" if "mean" in wall else "-"])
+        wall, cpu = row.get("wall_s") or {}, row.get("cpu_s") or {}
+        rows.append([row["label"], grid, best, *stats, gap, verdict,
+                     f"{wall['mean']:.0f} / {cpu['mean']:.0f}" if "mean" in wall and "mean" in cpu else "-"])
     return C.format_table(headers, rows, markdown=True)
 
 

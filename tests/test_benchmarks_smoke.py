@@ -240,6 +240,22 @@ def test_bench_quality_lora_rank_matches_galore_state():
     assert frozen and all(".base_layer." in n for n in frozen)
 
 
+def test_bench_quality_adamw_split_mirrors_galore_groups():
+    """adamw-split: torch AdamW over GaLore's groups, the projected matrices at 0.25 x lr, full rank."""
+    quality = _bench("bench_quality")
+    args = quality.parse_args(["--scale", "smoke"])
+    cfg = {k: getattr(args, k) for k in quality.RUN_KEYS}
+    train, _, _ = quality.load_data(cfg)
+    model, opt, _ = quality.build("adamw-split", cfg, 4e-3, 0, quality.model_config(cfg, train.vocab_size))
+    assert type(opt) is torch.optim.AdamW
+    galore = quality.galore_groups(model, cfg, quality.spec_of("ours", cfg))
+    matrices = {id(p) for g in galore if "rank" in g for p in g["params"]}
+    for g in opt.param_groups:
+        expected = 1e-3 if all(id(p) in matrices for p in g["params"]) else 4e-3
+        assert g["lr"] == pytest.approx(expected)
+    assert sum(p.numel() for g in opt.param_groups for p in g["params"]) == sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.slow
 def test_bench_quality_parallel_jobs(tmp_path):
     """--jobs 2 (spawned worker processes) gives the runs a sequential sweep gives."""
