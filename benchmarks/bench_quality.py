@@ -813,8 +813,9 @@ def _run(args: argparse.Namespace) -> int:
     versions = C.library_versions()
     cfg = {k: getattr(args, k) for k in RUN_KEYS} | {"threads": args.threads}
     cache = args.cache_dir / config_hash(cfg)
-    cache.mkdir(parents=True, exist_ok=True)
-    (cache / "config.json").write_text(json.dumps({"harness": HARNESS_VERSION, **cfg}, indent=1) + "\n")
+    if not args.no_run:  # --no-run only reads
+        cache.mkdir(parents=True, exist_ok=True)
+        (cache / "config.json").write_text(json.dumps({"harness": HARNESS_VERSION, **cfg}, indent=1) + "\n")
 
     skipped: list[dict[str, str]] = []
     names = []

@@ -188,6 +188,12 @@ def test_bench_quality_smallest(tmp_path, capsys, monkeypatch):
     assert quality.main([*argv[:9], "0,1,2", *argv[10:], "--no-plots"]) == 0
     third = json.loads(out.read_text())
     assert third["runs_executed"] == len(kinds) and all(third["summary"][k]["seeds"] == [0, 1, 2] for k in kinds)
+    # --no-run summarises a cache without touching it (an empty one: every run still to go)
+    assert quality.main([*argv[:-4], "--cache-dir", str(tmp_path / "none"), "--out", str(tmp_path / "n.json"),
+                         "--no-run", "--no-plots"]) == 0
+    assert not (tmp_path / "none").exists()
+    none = json.loads((tmp_path / "n.json").read_text())
+    assert not none["complete"] and none["summary"]["ours"]["runs_missing"] == 2 and none["runs_executed"] == 0
     tables = _bench("make_tables")  # RESULTS.md renders the swept format
     md = tmp_path / "RESULTS.md"
     assert tables.main(["--results", str(tmp_path), "--out", str(md)]) == 0
