@@ -11,7 +11,8 @@ cheaper (see ``galore_opt/projector.py`` and ``GaLoreOptimizer._refresh_if_due``
 
 This script trains ``bench_quality.py``'s model (LLaMA-tiny on the standard library's text, the
 ``--scale`` preset) with ``ours`` (the default refresh) under each variant, for each seed, and
-reports the evaluation losses. The previous behaviour is recreated here by replacing the two
+reports the test losses (``bench_quality.train_run`` at ``--lr``, one run per variant and seed).
+The previous behaviour is recreated here by replacing the two
 functions for the run (``procrustes``: the alignment; ``refresh_first``: the order); the library
 itself has no switch for them.
 
@@ -66,14 +67,18 @@ def _patch(variant: str) -> None:
         base.GaLoreOptimizer._refresh_if_due = refresh_first
 
 
-def child(variant: str, seed: int, scale: str, out: Path) -> None:
+def child(variant: str, seed: int, scale: str, lr: float, out: Path) -> None:
     _patch(variant)
     import bench_quality
+    import torch
 
-    rc = bench_quality.main(["--scale", scale, "--optimizers", "ours", "--seed", str(seed), "--out", str(out),
-                             "--no-plots"])
-    if rc:
-        raise SystemExit(rc)
+    args = bench_quality.parse_args(["--scale", scale])
+    cfg = {k: getattr(args, k) for k in bench_quality.RUN_KEYS}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    # one run, not bench_quality's cached sweep: the patched library must not write into its cache
+    run = bench_quality.train_run("ours", lr, seed, cfg)
+    out.write_text(json.dumps({"runs": [{"eval_loss": run["test_loss"], "final_train_loss": run["final_train_loss"]}]}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scale", default="cpu", help="bench_quality preset (cpu, gpu, smoke)")
     ap.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ablate_refresh-...)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at once (one thread each)")
+    ap.add_argument("--lr", type=float, default=3e-3, help="learning rate of the ours runs (scale 0.25)")
     ap.add_argument("--child", nargs=3, metavar=("VARIANT", "SEED", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child[0], int(args.child[1]), args.scale, Path(args.child[2]))
+        child(args.child[0], int(args.child[1]), args.scale, args.lr, Path(args.child[2]))
         return 0
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -100,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         def run(job: tuple[int, str, Path]) -> None:
             # a fresh process per run: the patches must not leak into the next variant
             seed, v, out = job
-            subprocess.run([sys.executable, __file__, "--scale", args.scale, "--child", v, str(seed), str(out)],
+            subprocess.run([sys.executable, __file__, "--scale", args.scale, "--lr", str(args.lr), "--child", v,
+                            str(seed), str(out)],
                            check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
         # the losses do not depend on timing, so runs may share the machine (one thread each)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["default_vs_previous_relative"] = diffs
         print("default vs previous, eval loss per seed: " + ", ".join(f"{d:+.2%}" for d in diffs))
     payload = {"benchmark": "ablate_refresh", "machine": C.machine_info("cpu"), "versions": C.library_versions(),
-               "args": {"seeds": seeds, "variants": variants, "scale": args.scale}, "variants": VARIANTS,
+               "args": {"seeds": seeds, "variants": variants, "scale": args.scale, "lr": args.lr}, "variants": VARIANTS,
                "runs": runs, "summary": summary}
     path = C.write_json(args.out or C.default_result_path("ablate_refresh"), payload)
     print(f"results: {path}")

@@ -110,6 +110,8 @@ def e2e_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[str]
 
 
 def quality_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[str]:
+    if "summary" in payload:
+        return quality_sweep_section(payload, path, out_dir)
     a = payload["args"]
     mdl = payload["model"]
     lines = [f"## Training quality ({a['device']}): `{path.name}`", "", *_header(payload, path, out_dir), "",
@@ -135,6 +137,22 @@ def quality_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[
                      f"{checks['ours_power_vs_galore_torch_rel'] * 100:+.2f}%")
     lines.append("")
     lines += _images(path, out_dir, ("loss",))
+    return lines
+
+
+def quality_sweep_section(payload: dict[str, Any], path: Path, out_dir: Path) -> list[str]:
+    """bench_quality.py's swept format: lr per optimizer chosen on validation, seeds on test."""
+    import bench_quality as Q
+
+    a = payload["args"]
+    lines = [f"## Training quality ({a['scale']}, {a['device']}): `{path.name}`", "", *_header(payload, path, out_dir), "",
+             Q.describe(payload), ""]
+    if not payload.get("complete", True):
+        lines += ["**Incomplete sweep**: the rows marked incomplete are partial.", ""]
+    lines += [Q.markdown_table(payload["summary"]), "", Q.TABLE_NOTE, ""]
+    lines += [f"- skipped {s['optimizer']}: {s['reason']}" for s in payload.get("skipped", [])]
+    lines.append("")
+    lines += _images(path, out_dir, ("loss", "lr"))
     return lines
 
 
