@@ -117,8 +117,11 @@ OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw-split": dict(label="torch AdamW, matrices at 0.25 x lr (GaLore's split)", family="galore",
                         matrix_lr_factor=0.25),
 }
-DEFAULT_OPTIMIZERS = ("adamw", "ours", "galore-torch", "ours-svd", "ours-8bit", "lora", "ours-residual",
-                      "ours-8bit-residual")
+DEFAULT_OPTIMIZERS = ("adamw", "adamw-split", "ours", "galore-torch", "ours-svd", "ours-8bit", "lora",
+                      "ours-residual", "ours-8bit-residual")
+#: the GaLore run each variant is judged against (same memory, one setting changed)
+BASELINE_OF = {"ours-svd": "ours", "ours-8bit": "ours", "ours-residual": "ours", "ours-8bit-residual": "ours-8bit",
+               "ours-gap-half": "ours", "ours-gap-double": "ours", "ours-randomized": "ours", "galore-torch": "ours"}
 #: the lowest lr of each family's grid; the grid is start * 2**k, k = 0 .. grid_points - 1.
 #: AdamW: 5e-4..4e-3 (LLaMA-60m's tuned AdamW lr is 1e-3 in the GaLore paper, the single-seed
 #: LLaMA-tiny sweep of issue 19 found 1e-3..2e-3); GaLore at scale 0.25: 2.5e-3..2e-2 (the paper's
@@ -558,9 +561,15 @@ def summarise(names: list[str], plans: dict[str, Plan], runs: dict[str, dict[tup
                 row["lora"] = seed_runs[0]["lora"]
         out[n] = row
     ref = out.get("adamw", {}).get("test_loss")
+    split = out.get("adamw-split", {}).get("test_loss")
     for n, row in out.items():
         if ref and n != "adamw" and "test_loss" in row:
             row["vs_adamw"] = compare(row["test_loss"], ref)
+        if split and n not in ("adamw", "adamw-split") and "test_loss" in row:
+            row["vs_adamw_split"] = compare(row["test_loss"], split)
+        base = BASELINE_OF.get(n)
+        if base in out and "test_loss" in row and out[base].get("test_loss"):
+            row["vs_baseline"] = {"baseline": base, **(compare(row["test_loss"], out[base]["test_loss"]) or {})}
     return out
 
 
@@ -568,7 +577,10 @@ TABLE_NOTE = ("lr grid: final validation loss of the first seed at each lr ('+':
               "run yet); test loss: mean ± sample std over the seeds at the best lr; ppl: "
               "exp(mean test loss); Δ vs AdamW: difference of the mean test losses; outside seed spread: "
               "|Δ| > 2 x pooled std, pooled std = sqrt((s² + s_AdamW²) / 2); 'ranges disjoint': the min..max "
-              "ranges over seeds do not overlap; s/run: wall and CPU seconds per run (wall grows with other "
+              "ranges over seeds do not overlap; Δ vs AdamW, split lrs: the same against torch AdamW with GaLore's two lrs "
+              "(matrices at 0.25 x lr), the full-rank control of GaLore's lr split; Δ vs its GaLore base: the same "
+              "against the GaLore run that differs in one setting (residual, 8 bits, refresh, gap; galore-torch: the implementation); "
+              "s/run: wall and CPU seconds per run (wall grows with other "
               "load, CPU time much less).")
 
 
@@ -591,9 +603,19 @@ def _fmt_val(point: dict[str, Any]) -> str:
     return "diverged" if point.get("ran") else "…"
 
 
+def _short_gap(cmp: dict[str, Any] | None) -> str:
+    """``-0.0830 (beyond spread)`` / ``(within spread)`` / ``(one seed)``, with the baseline if any."""
+    if not cmp or "gap" not in cmp:
+        return "-"
+    verdict = {None: "one seed", True: "beyond spread", False: "within spread"}[cmp["outside_spread"]]
+    base = f"vs {cmp['baseline']}: " if "baseline" in cmp else ""
+    return f"{base}{cmp['gap']:+.4f} ({verdict})"
+
+
 def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
     headers = ["optimizer", "lr grid: val loss (seed 0)", "best lr", "test loss mean ± std", "min / max", "ppl",
-               "state MiB", "Δ vs AdamW", "outside seed spread?", "s/run wall / CPU"]
+               "state MiB", "Δ vs AdamW", "outside seed spread?", "Δ vs AdamW, split lrs", "Δ vs its GaLore base",
+               "s/run wall / CPU"]
     rows = []
     for n, row in summary.items():
         ext = {e["lr"] for e in row["extended"]}
@@ -619,14 +641,16 @@ def markdown_table(summary: dict[str, dict[str, Any]]) -> str:
         if not row["done"]:
             best += f" [incomplete: {row['runs_missing']} run(s) to go]"
         wall, cpu = row.get("wall_s") or {}, row.get("cpu_s") or {}
-        rows.append([row["label"], grid, best, *stats, gap, verdict,
+        rows.append([row["label"], grid, best, *stats, gap, verdict, _short_gap(row.get("vs_adamw_split")),
+                     _short_gap(row.get("vs_baseline")),
                      f"{wall['mean']:.0f} / {cpu['mean']:.0f}" if "mean" in wall and "mean" in cpu else "-"])
     return C.format_table(headers, rows, markdown=True)
 
 
 COLORS = {"adamw": "tab:blue", "galore-torch": "tab:gray", "ours-svd": "tab:green", "ours": "tab:orange",
           "ours-8bit": "tab:red", "lora": "tab:brown", "ours-residual": "tab:purple", "ours-8bit-residual": "tab:pink",
-          "ours-gap-half": "tab:olive", "ours-gap-double": "tab:cyan", "ours-randomized": "black"}
+          "ours-gap-half": "tab:olive", "ours-gap-double": "tab:cyan", "ours-randomized": "black",
+          "adamw-split": "navy"}
 
 
 def plot_curves(summary: dict[str, dict[str, Any]], runs: dict[str, dict[tuple[float, int], dict[str, Any]]],
