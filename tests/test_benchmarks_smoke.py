@@ -158,7 +158,10 @@ def test_bench_quality_smallest(tmp_path, capsys, monkeypatch):
     residual = quality.residual_supported()
     skipped = {s["optimizer"]: s["reason"] for s in data["skipped"]}
     if residual is None:  # galore-opt implements the key: the variant is measured like the others
-        assert "ours-residual" in data["summary"]
+        row = data["summary"]["ours-residual"]
+        assert row["vs_baseline"]["baseline"] == "ours"
+        assert row["vs_baseline"]["gap"] == pytest.approx(
+            row["test_loss"]["mean"] - data["summary"]["ours"]["test_loss"]["mean"])
     else:
         assert "residual" in skipped["ours-residual"] and "ours-residual" not in data["summary"]
         kinds.remove("ours-residual")
