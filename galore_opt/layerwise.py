@@ -46,6 +46,8 @@ from torch import Tensor
 
 from . import _clip_guard
 from .optim.base import GaLoreOptimizer
+from .optim.fsdp import check_sharding
+from .optim.fsdp import is_dtensor as _is_dtensor
 
 CLIP_MODES = (None, "previous", "parameter")
 _STATE_VERSION = 1
@@ -510,29 +512,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         pass
 
 
-def _is_dtensor(t: Any) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _check_fsdp2(p: Tensor) -> None:
     """FSDP2 parameters are taken sharded on dim 0 over a 1-D mesh: HSDP (a 2-D mesh, where the
     reduce-scattered gradient is then all-reduced over the replicas) is refused."""
     if not _is_dtensor(p):
         return
-    from torch.distributed.tensor import Shard
-
-    mesh, placements = p.device_mesh, p.placements
-    if mesh.ndim != 1 or len(placements) != 1 or placements[0] != Shard(0):
-        raise NotImplementedError(
-            f"LayerwiseOptimizer under FSDP2 needs parameters sharded on dim 0 over a 1-D device mesh "
-            f"(fully_shard with a 1-D mesh); got placements {tuple(placements)} on a {mesh.ndim}-D mesh. "
-            "HSDP (a 2-D mesh) is not supported in layer-wise mode: use the optimizer without "
-            "LayerwiseOptimizer there"
-        )
+    check_sharding(p, "LayerwiseOptimizer under FSDP2",
+                   " in layer-wise mode: use the optimizer without LayerwiseOptimizer there")  # fmt: skip
 
 
 __all__ = ["CLIP_MODES", "LayerwiseOptimizer"]

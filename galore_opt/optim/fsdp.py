@@ -57,7 +57,7 @@ def is_dtensor(t: Any) -> bool:
     return isinstance(t, DTensor)
 
 
-def check_sharding(p: Tensor, who: str) -> None:
+def check_sharding(p: Tensor, who: str, hint: str = "") -> None:
     """FSDP2 parameters as these optimizers take them: sharded on dim 0 over a 1-D mesh."""
     from torch.distributed.tensor import Shard
 
@@ -66,7 +66,7 @@ def check_sharding(p: Tensor, who: str) -> None:
         raise NotImplementedError(
             f"{who} on DTensor parameters needs them sharded on dim 0 over a 1-D device mesh (fully_shard "
             f"with a 1-D mesh); got placements {tuple(placements)} on a {mesh.ndim}-D mesh. HSDP (a 2-D mesh) "
-            "is not supported"
+            "is not supported" + hint
         )
 
 
