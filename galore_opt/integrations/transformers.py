@@ -75,6 +75,7 @@ import torch
 
 from ..layerwise import LayerwiseOptimizer
 from ..optim import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from ..optim.fsdp import is_dtensor as _is_dtensor
 from ..param_groups import galore_param_groups
 
 __all__ = ["GaLoreTrainer", "HF_OPTIM_NAMES", "OPTIMIZERS", "galore_optimizer", "parse_optim_args", "resolve_optim"]  # noqa: F822 (module __getattr__)
@@ -337,12 +338,6 @@ def _attach_layerwise(model: torch.nn.Module, optimizer: Any) -> None:
 
 #: the layer-wise wrapper's counters beside an FSDP checkpoint of the wrapped optimizer
 LAYERWISE_META = "galore_layerwise.pt"
-
-
-def _is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
 
 
 _TRAINER_DOC = """``transformers.Trainer`` whose optimizer is galore-opt's, built from its ``TrainingArguments``.
