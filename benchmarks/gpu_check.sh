@@ -44,7 +44,7 @@ if want tests; then
   tail -n 3 "$OUT/pytest.txt" "$OUT/pytest-kernels.txt" "$OUT/pytest-fake.txt"
 fi
 
-# 2. optimizer step at the ANCHORS.md shapes (bf16), every implementation side by side (issue 3, 4):
+# 2. optimizer step at the LLaMA-1B and LLaMA-7B matrix shapes (bf16), every implementation side by side (issue 3, 4):
 #    1B 4 layers at rank 128 and 512; 7B 2 layers at rank 1024 (galore-torch's SVDs take ~20 s per
 #    refresh there: the 7B run times only the first, cold refresh).
 if want step; then

@@ -20,8 +20,8 @@ non-layer-wise optimizer with the same accumulation up to floating-point reassoc
 
 Gradient norm and clipping: ``torch.nn.utils.clip_grad_norm_`` (and ``clip_grad_value_``) on
 parameters this object updates raises while it is attached: the gradients are already applied and
-freed, so torch's function would clip nothing and return 0 or a partial norm. The norm of every gradient applied is summed during backward;
-:attr:`grad_norm` is the global norm of the last update (exact without accumulation, and for every
+freed, so torch's function would clip nothing and return 0 or a partial norm. The norm of every
+gradient applied is summed during backward; :attr:`grad_norm` is the global norm of the last update (exact without accumulation, and for every
 parameter that accumulated in full; for a GaLore parameter that accumulated its projection it is
 the norm of the projected gradient, i.e. of the part the optimizer uses). Clipping cannot wait for
 the global norm, so ``clip_mode="previous"`` scales each gradient by ``min(1, max_grad_norm /
